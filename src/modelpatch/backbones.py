@@ -1,0 +1,247 @@
+"""Backbones: torchvision classifiers turned into feature extractors ``x -> [N, width]``.
+
+A backbone knows nothing of patches or tasks. Its weights are a value: ``None`` (random init),
+``"imagenet"`` (torchvision's weights, read from the torch hub cache) or a path to a checkpoint
+made by this platform or a plain state dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file as load_safetensors
+from torch import nn
+
+
+class BackboneError(ValueError):
+    """A backbone or its weights cannot be built as configured."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Where a torchvision model keeps its final linear layer (removed to expose features)."""
+
+    final_linear: str
+    accepts_width: bool = False
+
+
+# The final Linear is replaced by Identity; what comes before it (pooling, and for some models
+# a norm or a hidden Linear) stays, so forward() returns the penultimate features.
+BACKBONES: dict[str, BackboneSpec] = {
+    "mobilenet_v2": BackboneSpec("classifier.1", accepts_width=True),
+    "mobilenet_v3_small": BackboneSpec("classifier.3"),
+    "mobilenet_v3_large": BackboneSpec("classifier.3"),
+    "resnet18": BackboneSpec("fc"),
+    "resnet50": BackboneSpec("fc"),
+    "efficientnet_b0": BackboneSpec("classifier.1"),
+    "convnext_tiny": BackboneSpec("classifier.2"),
+}
+
+# Where PatchModule keeps the shared backbone and the per-task patches in its state dict.
+CKPT_BACKBONE = "model.backbone."
+CKPT_PATCHES = "model.patches."
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(nn.Module):
+    """A torchvision model without its final linear layer.
+
+    Args:
+        name: key of ``BACKBONES``.
+        body: the torchvision model, final linear already replaced by ``nn.Identity``.
+        width: size of the feature vector ``forward`` returns.
+        width_mult: the model's width multiplier (1.0 where the model has none).
+    """
+
+    def __init__(self, name: str, body: nn.Module, width: int, width_mult: float = 1.0):
+        super().__init__()
+        self.name = name
+        self.body = body
+        self.width = width
+        self.width_mult = width_mult
+        self.weights_source = "random"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    features = forward
+
+
+def list_backbones() -> list[str]:
+    return sorted(BACKBONES)
+
+
+def build_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike | None = None,
+    width: float = 1.0,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> Backbone:
+    """Build a feature extractor from torchvision and load its weights.
+
+    Args:
+        name: one of ``list_backbones()``.
+        weights: ``None`` (random), ``"imagenet"``, or a path (``.ckpt`` from this platform,
+            ``.safetensors``, or a plain ``.pt``/``.pth`` state dict).
+        width: width multiplier (``mobilenet_v2`` only).
+        mean, std: input normalization; with ImageNet weights they must match the weights'.
+
+    Returns:
+        The backbone, with ``width`` (feature size) and ``weights_source`` set.
+    """
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
+    spec = BACKBONES[name]
+    if width != 1.0 and not spec.accepts_width:
+        raise BackboneError(
+            f"backbone {name!r} has no width multiplier (got width={width}); only "
+            f"{', '.join(n for n, s in sorted(BACKBONES.items()) if s.accepts_width)} take one"
+        )
+    kwargs = {"width_mult": width} if spec.accepts_width else {}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if weights == "imagenet":
+        if width != 1.0:
+            raise BackboneError(f"torchvision has ImageNet weights for {name} at width 1.0 only, got {width}")
+        _check_normalization(name, mean, std)
+        model.load_state_dict(load_imagenet_state_dict(name))
+    final = model.get_submodule(spec.final_linear)
+    _replace_submodule(model, spec.final_linear, nn.Identity())
+    backbone = Backbone(name, model, width=final.in_features, width_mult=width)
+    if weights == "imagenet":
+        backbone.weights_source = "imagenet"
+    elif weights is not None:
+        load_backbone_weights(backbone, weights)
+    return backbone
+
+
+def imagenet_weights_file(name: str) -> Path:
+    """Where torchvision keeps the ImageNet weights of ``name`` in the torch hub cache."""
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+
+
+def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Read torchvision's ImageNet weights for ``name`` from the hub cache, downloading if online."""
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    path = imagenet_weights_file(name)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(enum.url, str(path), progress=False)
+        except Exception as err:  # noqa: BLE001 - any network failure gets the same advice
+            raise BackboneError(
+                f"ImageNet weights for {name} are not in the torch hub cache and could not be "
+                f"downloaded ({err}). Fetch {enum.url} on a machine with internet access and "
+                f"copy it to {path} (set TORCH_HOME to use another cache folder)."
+            ) from err
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_normalization(name: str, mean, std) -> None:
+    for label, given, expected in (("mean", mean, IMAGENET_MEAN), ("std", std, IMAGENET_STD)):
+        if given is not None and not torch.allclose(torch.tensor(list(given)), torch.tensor(expected)):
+            raise BackboneError(
+                f"{name} ImageNet weights expect input {label} {list(expected)}, "
+                f"but backbone.{label}={list(given)}; drop the override or use weights=null"
+            )
+
+
+def _replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read tensors from a safetensors file, or a torch file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"backbone weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise BackboneError(
+            f"cannot read {path} as a weights-only torch file ({err}); only tensors and plain "
+            "containers are accepted"
+        ) from err
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        return backbone_state_from_checkpoint(obj, path)
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise BackboneError(f"{path} holds no state dict (a mapping of names to tensors)")
+    return dict(obj)
+
+
+def backbone_state_from_checkpoint(ckpt: Mapping, path: os.PathLike | str) -> dict[str, torch.Tensor]:
+    """The backbone a one-task checkpoint of this platform learned: shared weights with the
+    task's patch applied (a multi-task checkpoint is ambiguous and refused)."""
+    state = ckpt["state_dict"]
+    tasks = sorted({k.removeprefix(CKPT_PATCHES).split(".")[0] for k in state if k.startswith(CKPT_PATCHES)})
+    if len(tasks) > 1:
+        raise BackboneError(
+            f"{path} is a multi-task checkpoint (tasks: {', '.join(tasks)}); export one task's "
+            "backbone or load it with eval.py instead"
+        )
+    if not tasks and not any(k.startswith(CKPT_BACKBONE) for k in state):
+        raise BackboneError(f"{path} is a Lightning checkpoint, but not one made by modelpatch")
+    out = {k.removeprefix(CKPT_BACKBONE): v for k, v in state.items() if k.startswith(CKPT_BACKBONE)}
+    for key, value in state.items():
+        if key.startswith(CKPT_PATCHES):
+            # <prefix><task>.<mangled name>, mangled = backbone name with "." -> "__"
+            name = key.removeprefix(CKPT_PATCHES).split(".", 1)[1].replace("__", ".")
+            out[name] = value
+    return out
+
+
+def load_backbone_weights(backbone: Backbone, path: str | os.PathLike) -> None:
+    """Load a state dict into ``backbone``; any missing or unexpected key is an error."""
+    state = read_state_dict(path)
+    if not any(k.startswith("body.") for k in state):
+        state = {f"body.{k}": v for k, v in state.items()}
+    expected = backbone.state_dict()
+    # A full torchvision state dict still holds the final layer this backbone removed.
+    spec = BACKBONES[backbone.name]
+    state = {k: v for k, v in state.items() if not k.startswith(f"body.{spec.final_linear}.")}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        k for k in set(expected) & set(state) if expected[k].shape != state[k].shape
+    )
+    if missing or unexpected or wrong_shape:
+        raise BackboneError(
+            f"{path} does not fit backbone {backbone.name} (width {backbone.width_mult}): "
+            + _summarize("missing", missing)
+            + _summarize("unexpected", unexpected)
+            + _summarize("wrong shape", wrong_shape)
+            + "check backbone= and backbone.width= against the run that made the file"
+        )
+    backbone.load_state_dict(state)
+    backbone.weights_source = str(path)
+
+
+def _summarize(label: str, keys: list[str], show: int = 3) -> str:
+    if not keys:
+        return ""
+    more = f" and {len(keys) - show} more" if len(keys) > show else ""
+    return f"{len(keys)} {label} key(s) ({', '.join(keys[:show])}{more}); "
+
+
+def fingerprint(module: nn.Module) -> str:
+    """A short hash of every tensor in ``module``'s state dict (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

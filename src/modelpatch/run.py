@@ -1,0 +1,230 @@
+"""One training run from a composed config: build, fit, test, write ``results.json``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from modelpatch.backbones import build_backbone, list_backbones
+from modelpatch.module import OptimConfig, PatchModule, TaskHead
+from modelpatch.patches import parse_kind, resolve_patch
+from modelpatch.tasks import TaskDataModule, task_specs
+
+log = logging.getLogger("modelpatch")
+
+RESULTS_FILE = "results.json"
+
+
+class ConfigError(ValueError):
+    """The composed config asks for something that cannot be built."""
+
+
+def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Log a failure to the run's log and re-raise; always print the output dir and close W&B."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig):
+        try:
+            return task(cfg)
+        except Exception:
+            log.exception("run failed")
+            raise
+        finally:
+            log.info(f"output dir: {cfg.paths.output_dir}")
+            _close_wandb()
+
+    return wrapped
+
+
+def _close_wandb() -> None:
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        log.info("closing wandb")
+        wandb.finish()
+
+
+def extras(cfg: DictConfig) -> None:
+    """Apply the ``extras`` switches: silence warnings, print the config; always save it."""
+    if cfg.get("extras", {}).get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    (output_dir / "config.yaml").write_text(text)
+    if cfg.get("extras", {}).get("print_config"):
+        from rich.console import Console
+        from rich.syntax import Syntax
+
+        Console().print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Cheap checks of names, before any data or weights are read."""
+    if cfg.backbone.name not in list_backbones():
+        raise ConfigError(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(list_backbones())}")
+    parse_kind(cfg.patch.kind)
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path``, else the run's own ``last.ckpt`` if any."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    if cfg.get("resume", True) and last.exists():
+        log.info(f"resuming from {last}")
+        return str(last)
+    return None
+
+
+def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
+    """Config -> (data, model). Every check happens here, before training starts."""
+    check_config(cfg)
+    specs = task_specs(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
+    bb = cfg.backbone
+    weights = bb.weights
+    if weights not in (None, "imagenet"):
+        weights = hydra.utils.to_absolute_path(str(weights))
+    backbone = build_backbone(bb.name, weights=weights, width=bb.width, mean=bb.mean, std=bb.std)
+    patch = resolve_patch(backbone, cfg.patch.kind, norm_stats=cfg.patch.norm_stats, model_name=bb.name)
+    datamodule = TaskDataModule(specs, root=cfg.data.root, batch_size=cfg.data.batch_size,
+                                eval_batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    datamodule.setup()
+    heads = [
+        TaskHead(s.name, datamodule.data[s.name].num_classes, datamodule.data[s.name].class_names, s.loss_weight)
+        for s in specs
+    ]
+    model = PatchModule(
+        backbone, patch, heads,
+        optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
+        mean=bb.mean, std=bb.std, train_shared=cfg.patch.train_shared,
+        meta={"config": OmegaConf.to_container(cfg, resolve=True)},
+    )
+    return datamodule, model
+
+
+def describe_params(model: PatchModule) -> str:
+    """The one-line parameter summary printed for every run."""
+    c = model.parameter_counts()
+    per_task = "; ".join(f"{t}: patch {c[f'{t}/patch']:,} + head {c[f'{t}/head']:,}" for t in model.task_names)
+    pct = 100.0 * sum(c[f"{t}/patch"] for t in model.task_names) / max(1, c["backbone"])
+    return (f"params: total {c['total']:,} | trainable {c['trainable']:,} | shared {c['shared']:,} | "
+            f"backbone {c['backbone']:,} | patch {model.patch.kind} = {pct:.2f}% of backbone | {per_task}")
+
+
+def instantiate_dict(node: DictConfig | None) -> list:
+    return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+
+
+@task_wrapper
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Build from ``cfg``, fit, test on the best checkpoint, write ``results.json``.
+
+    Returns:
+        The logged metrics (floats) and the built objects.
+    """
+    start = time.time()
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule, model = build(cfg)
+    log.info(describe_params(model))
+    callbacks = instantiate_dict(cfg.get("callbacks"))
+    loggers = instantiate_dict(cfg.get("logger"))
+    log.info(f"trainer: {cfg.trainer._target_}; callbacks: {[type(c).__name__ for c in callbacks]}; "
+             f"loggers: {[type(lg).__name__ for lg in loggers]}")
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if loggers:
+        trainer.logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
+    metrics = _floats(trainer.callback_metrics)
+
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test", True):
+        if cfg.get("train", True) and not best:
+            log.warning("no best checkpoint; testing the weights as they are after training")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update(_floats(trainer.callback_metrics))
+
+    if trainer.is_global_zero:
+        results = make_results(cfg, model, metrics, wall_time_s=time.time() - start, checkpoint=best)
+        write_json(Path(cfg.paths.output_dir) / RESULTS_FILE, results)
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+def _floats(metrics: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def make_results(cfg: DictConfig, model: PatchModule, metrics: dict[str, float], *,
+                 wall_time_s: float, checkpoint: str = "") -> dict:
+    """The ``results.json`` object (see docs/architecture.md for the contract)."""
+    counts = model.parameter_counts()
+    tasks = {}
+    for name, head in model.tasks.items():
+        tasks[name] = {
+            "test_acc": metrics.get(f"test/{name}/acc"),
+            "val_acc": metrics.get(f"val/{name}/acc"),
+            "num_classes": head.num_classes,
+            "params_patch": counts[f"{name}/patch"],
+            "params_head": counts[f"{name}/head"],
+            "train_size": cfg.task.get("train_size") if "tasks" not in cfg.task else cfg.task.catalog[name].get("train_size"),
+        }
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        overrides = []
+    backbone = model.model.backbone
+    return {
+        "backbone": {"name": backbone.name, "width": backbone.width_mult, "features": backbone.width,
+                     "weights": backbone.weights_source},
+        "patch": model.patch.kind,
+        "norm_stats": model.patch.norm_stats,
+        "train_shared": model.model.train_shared,
+        "tasks": tasks,
+        "params": {k: counts[k] for k in ("total", "trainable", "shared", "backbone")},
+        "test_acc": metrics.get("test/acc"),
+        "val_acc": metrics.get("val/acc"),
+        "seed": cfg.seed,
+        "epochs": cfg.trainer.get("max_epochs"),
+        "wall_time_s": round(wall_time_s, 2),
+        "overrides": overrides,
+        "checkpoint": checkpoint,
+        "output_dir": str(cfg.paths.output_dir),
+    }
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write atomically: a crash leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def get_metric_value(metrics: dict[str, float], name: str | None) -> float | None:
+    """The value a sweeper optimizes; an unknown name is an error that lists the logged ones."""
+    if not name:
+        return None
+    if name not in metrics:
+        raise ConfigError(
+            f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}"
+        )
+    value = metrics[name]
+    log.info(f"{name} = {value:.4f}")
+    return value
+

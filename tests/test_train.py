@@ -1,0 +1,107 @@
+"""Training through the real Hydra config and the real Lightning Trainer, tiny and on CPU."""
+
+import json
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from modelpatch.backbones import BackboneError
+from modelpatch.patches import PatchError
+from modelpatch.run import ConfigError, build, train
+from modelpatch.tasks import DatasetMissingError, TaskError
+
+DIGITS = ["task=digits", "task.train_size=200"]
+
+
+@pytest.mark.parametrize("patch", ["logits", "bn", "dw", "bias", "bn+dw", "full"])
+def test_each_patch_trains_and_writes_results(make_cfg, patch, tmp_path):
+    cfg = make_cfg(*DIGITS, f"patch={patch}")
+    metrics, objects = train(cfg)
+    model = objects["model"]
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["patch"] == patch
+    task = results["tasks"]["digits"]
+    assert 0.0 <= task["test_acc"] <= 1.0 and task["test_acc"] == metrics["test/digits/acc"]
+    assert task["num_classes"] == 10 and task["params_head"] == model.model.backbone.width * 10 + 10
+    counts = results["params"]
+    assert counts["trainable"] == task["params_patch"] + task["params_head"]
+    assert counts["total"] == counts["shared"] + task["params_patch"] + task["params_head"]
+    assert results["backbone"] == {"name": "mobilenet_v2", "width": 0.25, "features": 1280, "weights": "random"}
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize(("patch", "norm_stats"), [("logits", "frozen"), ("bn", "task"), ("dw", "frozen")])
+def test_frozen_weights_and_statistics_are_bit_for_bit_unchanged(make_cfg, patch, norm_stats):
+    cfg = make_cfg(*DIGITS, f"patch={patch}", f"patch.norm_stats={norm_stats}", "test=false", "callbacks=none")
+    datamodule, model = build(cfg)
+    backbone_before = snapshot(model.model.backbone)
+    patch_before = snapshot(model.model.patches)
+    with open_dict(cfg):
+        cfg.trainer.max_epochs = 2
+    from modelpatch import run
+
+    trainer = run.hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    trainer.fit(model, datamodule=datamodule)
+    for name, tensor in snapshot(model.model.backbone).items():
+        assert torch.equal(tensor, backbone_before[name]), name
+    changed = [k for k, v in snapshot(model.model.patches).items() if not torch.equal(v, patch_before[k])]
+    patch_params = {k for k, _ in model.model.patches.named_parameters()}
+    assert patch_params <= set(changed)  # every patch parameter trained
+    owns_stats = any(k.endswith("running_mean") for k in patch_before)
+    assert owns_stats == (norm_stats == "task")
+    if owns_stats:
+        assert any(k.endswith("running_mean") for k in changed)
+
+
+def test_pretrain_checkpoint_loads_as_backbone_weights(make_cfg, tmp_path):
+    _, objects = train(make_cfg(*DIGITS, "patch=full", out="pretrain"))
+    learned = objects["model"].model.patches["digits"].tensors()
+    ckpt = tmp_path / "pretrain" / "checkpoints" / "last.ckpt"
+    _, model = build(make_cfg("task=fmnist_b", "task.train_size=100", "patch=bn", f"backbone.weights={ckpt}"))
+    backbone = dict(model.model.backbone.body.named_parameters())
+    for name, tensor in learned.items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        key = name.removeprefix("body.")
+        ref = backbone.get(key, dict(model.model.backbone.body.named_buffers()).get(key))
+        assert torch.equal(ref, tensor), name
+    assert model.model.backbone.weights_source == str(ckpt)
+
+
+def test_checkpoint_for_another_architecture_fails_before_training(make_cfg, tmp_path):
+    train(make_cfg(*DIGITS, "patch=full", out="pretrain"))
+    ckpt = tmp_path / "pretrain" / "checkpoints" / "last.ckpt"
+    cfg = make_cfg(*DIGITS, "backbone=resnet18", "backbone.width=1.0", f"backbone.weights={ckpt}")
+    with pytest.raises(BackboneError, match="does not fit backbone resnet18"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["patch.kind=bnn"], PatchError, "unknown patch kind 'bnn'"),
+        (["backbone=resnet18", "backbone.width=1.0", "patch=dw"], PatchError, "'dw' selects nothing on resnet18"),
+        (["backbone.name=vgg"], ConfigError, "unknown backbone 'vgg'"),
+        (["task=fmnist", "data.fashion_mnist_dir=/nonexistent", "data.root=/nonexistent/data"], DatasetMissingError, "apt-get install"),
+        (["task.name=eval"], TaskError, "'eval' cannot be used"),
+    ],
+)
+def test_bad_input_fails_before_training(make_cfg, tmp_path, overrides, error, message):
+    cfg = make_cfg(*DIGITS, *overrides)
+    with pytest.raises(error, match=message):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_resumes_from_its_last_checkpoint(make_cfg, tmp_path):
+    train(make_cfg(*DIGITS, "patch=bn"))
+    first = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    cfg = make_cfg(*DIGITS, "patch=bn", "trainer.max_epochs=2")
+    _, objects = train(cfg)
+    assert objects["trainer"].global_step == 2 * first["global_step"]
