@@ -58,7 +58,9 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fashion_mnist() -> Path:
     """The real Fashion-MNIST files; missing here is a failure, never a skip."""
-    missing = [f for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz") if not (FASHION_MNIST / f).exists()]
+    missing = [
+        f for f in ("train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz") if not (FASHION_MNIST / f).exists()
+    ]
     if missing:
         pytest.fail(f"Fashion-MNIST is not installed at {FASHION_MNIST}: apt-get install dataset-fashion-mnist")
     return FASHION_MNIST

@@ -20,8 +20,15 @@ from modelpatch.tasks import (
 
 
 def test_fmnist_b_from_the_debian_package(fashion_mnist, data_dir):
-    spec = TaskSpec("fmnist_b", "fashion_mnist", input_size=32, classes=[5, 6, 7, 8, 9],
-                    train_size=1000, val_size=500, options={"system_dir": str(fashion_mnist)})
+    spec = TaskSpec(
+        "fmnist_b",
+        "fashion_mnist",
+        input_size=32,
+        classes=[5, 6, 7, 8, 9],
+        train_size=1000,
+        val_size=500,
+        options={"system_dir": str(fashion_mnist)},
+    )
     data = load_task(spec, data_dir)
     assert data.class_names == ["Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     assert data.train.images.shape == (1000, 1, 32, 32) and data.train.images.dtype == torch.uint8
@@ -74,7 +81,7 @@ def test_cifar10_through_torchvision(tmp_path, monkeypatch):
 
 
 def test_missing_cifar_is_a_clear_error(tmp_path):
-    with pytest.raises(DatasetMissingError, match="data.download=true"):
+    with pytest.raises(DatasetMissingError, match=r"data\.download=true"):
         load_task(TaskSpec("cifar10", "cifar10", input_size=32), tmp_path)
 
 
@@ -88,7 +95,7 @@ def test_bad_task_names(names, message):
 
 
 def test_task_config_errors():
-    with pytest.raises(TaskError, match="unknown task.*nope; known tasks: digits"):
+    with pytest.raises(TaskError, match=r"unknown task.*nope; known tasks: digits"):
         task_specs({"tasks": ["nope"], "catalog": {"digits": {"name": "digits"}}})
     with pytest.raises(TaskError, match="unknown dataset 'mnist'"):
         load_task(TaskSpec("x", "mnist", input_size=32), "unused")
@@ -99,7 +106,10 @@ def test_task_config_errors():
 
 
 def test_datamodule_serves_a_dict_per_step_and_a_loader_per_task():
-    specs = [TaskSpec("d1", "digits", input_size=16, train_size=64), TaskSpec("d2", "digits", input_size=8, train_size=32)]
+    specs = [
+        TaskSpec("d1", "digits", input_size=16, train_size=64),
+        TaskSpec("d2", "digits", input_size=8, train_size=32),
+    ]
     dm = TaskDataModule(specs, root="unused", batch_size=16)
     dm.setup()
     batches = list(iter(dm.train_dataloader()))

@@ -88,7 +88,11 @@ def test_checkpoint_for_another_architecture_fails_before_training(make_cfg, tmp
         (["patch.kind=bnn"], PatchError, "unknown patch kind 'bnn'"),
         (["backbone=resnet18", "backbone.width=1.0", "patch=dw"], PatchError, "'dw' selects nothing on resnet18"),
         (["backbone.name=vgg"], ConfigError, "unknown backbone 'vgg'"),
-        (["task=fmnist", "data.fashion_mnist_dir=/nonexistent", "data.root=/nonexistent/data"], DatasetMissingError, "apt-get install"),
+        (
+            ["task=fmnist", "data.fashion_mnist_dir=/nonexistent", "data.root=/nonexistent/data"],
+            DatasetMissingError,
+            "apt-get install",
+        ),
         (["task.name=eval"], TaskError, "'eval' cannot be used"),
     ],
 )

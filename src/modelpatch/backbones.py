@@ -138,7 +138,7 @@ def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(enum.url, str(path), progress=False)
-        except Exception as err:  # noqa: BLE001 - any network failure gets the same advice
+        except Exception as err:
             raise BackboneError(
                 f"ImageNet weights for {name} are not in the torch hub cache and could not be "
                 f"downloaded ({err}). Fetch {enum.url} on a machine with internet access and "
@@ -173,8 +173,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise BackboneError(
-            f"cannot read {path} as a weights-only torch file ({err}); only tensors and plain "
-            "containers are accepted"
+            f"cannot read {path} as a weights-only torch file ({err}); only tensors and plain containers are accepted"
         ) from err
     if isinstance(obj, Mapping) and "state_dict" in obj:
         return backbone_state_from_checkpoint(obj, path)
@@ -215,9 +214,7 @@ def load_backbone_weights(backbone: Backbone, path: str | os.PathLike) -> None:
     state = {k: v for k, v in state.items() if not k.startswith(f"body.{spec.final_linear}.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(
-        k for k in set(expected) & set(state) if expected[k].shape != state[k].shape
-    )
+    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong_shape:
         raise BackboneError(
             f"{path} does not fit backbone {backbone.name} (width {backbone.width_mult}): "

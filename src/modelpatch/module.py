@@ -26,6 +26,8 @@ class TaskHead:
     num_classes: int
     class_names: list[str] = field(default_factory=list)
     loss_weight: float = 1.0
+    train_samples: int = 0
+    spec: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -47,6 +49,17 @@ class OptimConfig:
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("cosine", "constant")
+MIXING = ("all", "round_robin", "proportional", "per_device")
+
+
+def tasks_per_rank(tasks: Sequence[str], world_size: int) -> list[str]:
+    """``per_device`` mixing: rank ``r`` trains ``tasks[r % K]`` (the paper's one task per device)."""
+    if world_size < len(tasks):
+        raise ValueError(
+            f"mixing=per_device trains one task per device and needs trainer.devices >= {len(tasks)} "
+            f"(one per task: {', '.join(tasks)}); got {world_size}. Use mixing=all or round_robin."
+        )
+    return [tasks[r % len(tasks)] for r in range(world_size)]
 
 
 class TaskMeanAccuracy(Metric):
@@ -81,13 +94,28 @@ class PatchModule(L.LightningModule):
         meta: plain data saved as hyper-parameters (the run's config), for the record.
     """
 
-    def __init__(self, backbone: Backbone, patch: Patch, tasks: Sequence[TaskHead], *,
-                 optim: OptimConfig | None = None, mean: Sequence[float] = (0.5, 0.5, 0.5),
-                 std: Sequence[float] = (0.5, 0.5, 0.5), train_shared: bool = False,
-                 meta: Mapping | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        patch: Patch,
+        tasks: Sequence[TaskHead],
+        *,
+        optim: OptimConfig | None = None,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
+        train_shared: bool = False,
+        mixing: str = "all",
+        mix_seed: int = 0,
+        meta: Mapping | None = None,
+    ):
         super().__init__()
         check_task_names([t.name for t in tasks])
+        if mixing not in MIXING:
+            raise ValueError(f"task mixing {mixing!r} is unknown; choose one of {', '.join(MIXING)}")
         self.tasks = {t.name: t for t in tasks}
+        self.mixing = mixing
+        self.mix_seed = mix_seed
+        self.frozen_tasks: set[str] = set()
         self.optim = optim or OptimConfig()
         if self.optim.name not in OPTIMIZERS:
             raise ValueError(f"optim.name={self.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -102,15 +130,18 @@ class PatchModule(L.LightningModule):
         self.test_acc = self._accuracies()
         self.val_mean_acc = TaskMeanAccuracy(len(tasks))
         self.test_mean_acc = TaskMeanAccuracy(len(tasks))
-        self.save_hyperparameters({
-            "backbone": {"name": backbone.name, "width": backbone.width, "width_mult": backbone.width_mult},
-            "patch": {"kind": patch.kind, "norm_stats": patch.norm_stats, "train_shared": train_shared},
-            "tasks": [asdict(t) for t in tasks],
-            "optim": asdict(self.optim),
-            "mean": list(mean),
-            "std": list(std),
-            **({"meta": dict(meta)} if meta else {}),
-        })
+        self.save_hyperparameters(
+            {
+                "backbone": {"name": backbone.name, "width": backbone.width, "width_mult": backbone.width_mult},
+                "patch": {"kind": patch.kind, "norm_stats": patch.norm_stats, "train_shared": train_shared},
+                "tasks": [asdict(t) for t in tasks],
+                "mixing": mixing,
+                "optim": asdict(self.optim),
+                "mean": list(mean),
+                "std": list(std),
+                **({"meta": dict(meta)} if meta else {}),
+            }
+        )
 
     def _accuracies(self) -> nn.ModuleDict:
         return nn.ModuleDict({n: MulticlassAccuracy(t.num_classes, average="micro") for n, t in self.tasks.items()})
@@ -122,6 +153,17 @@ class PatchModule(L.LightningModule):
     @property
     def patch(self) -> Patch:
         return self.model.patch
+
+    @property
+    def trainable_tasks(self) -> list[str]:
+        return [t for t in self.tasks if t not in self.frozen_tasks]
+
+    def freeze_tasks(self, names: Sequence[str]) -> None:
+        """Keep these tasks' patches and heads as they are (sequential transfer)."""
+        for name in names:
+            self.frozen_tasks.add(name)
+            for p in [*self.model.patches[name].parameters(), *self.heads[name].parameters()]:
+                p.requires_grad_(False)
 
     # --- forward ---------------------------------------------------------------------------
 
@@ -141,14 +183,80 @@ class PatchModule(L.LightningModule):
 
     # --- steps -----------------------------------------------------------------------------
 
+    def tasks_for_step(self, available: Sequence[str]) -> list[str]:
+        """Which tasks this step trains. Every rank draws the same tasks (same seed and step),
+        except under ``per_device``, where each rank keeps to its own task."""
+        tasks = [t for t in self.trainable_tasks if t in available]
+        if self.mixing == "all" or len(tasks) <= 1:
+            return tasks
+        if self.mixing == "round_robin":
+            return [tasks[self.global_step % len(tasks)]]
+        if self.mixing == "proportional":
+            sizes = torch.tensor([max(1, self.tasks[t].train_samples) for t in tasks], dtype=torch.float)
+            gen = torch.Generator().manual_seed(self.mix_seed * 1_000_003 + self.global_step)
+            return [tasks[int(torch.multinomial(sizes, 1, generator=gen))]]
+        return [self._rank_tasks()[self.global_rank]]
+
+    def _rank_tasks(self) -> list[str]:
+        return tasks_per_rank(self.trainable_tasks, self.trainer.world_size)
+
+    def loss_scale(self, task: str) -> float:
+        """DDP averages gradients over all ranks; a task trained on n of W ranks is scaled by W/n
+        so that its patch and head get the mean gradient of the ranks that saw it, undiluted."""
+        if self.mixing != "per_device" or self.trainer.world_size == 1:
+            return 1.0
+        return self.trainer.world_size / self._rank_tasks().count(task)
+
+    def on_fit_start(self) -> None:
+        if self.mixing == "per_device":
+            self._rank_tasks()  # fail early when there are fewer devices than tasks
+        counts = {f"params/{k}": float(v) for k, v in self.parameter_counts().items()}
+        for logger in self.loggers:
+            logger.log_metrics(counts, step=0)
+
+    def on_validation_epoch_start(self) -> None:
+        self.sync_task_statistics()
+
+    def on_test_epoch_start(self) -> None:
+        self.sync_task_statistics()
+
+    def on_validation_epoch_end(self) -> None:
+        # Logged here, not per step: one key fed by several dataloaders is refused by Lightning.
+        self.log("val/acc", self.val_mean_acc, prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/acc", self.test_mean_acc)
+
+    @torch.no_grad()
+    def sync_task_statistics(self) -> None:
+        """Make every rank hold the same per-task normalization statistics: under ``per_device``
+        the rank that trained a task sends them; otherwise the ranks' estimates are averaged."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        world = torch.distributed.get_world_size()
+        if world == 1:
+            return
+        owners = self._rank_tasks() if self.mixing == "per_device" else None
+        for task in self.trainable_tasks:
+            for buf in self.model.patches[task].buffers():
+                if owners is not None:
+                    torch.distributed.broadcast(buf, src=owners.index(task))
+                elif buf.is_floating_point():
+                    torch.distributed.all_reduce(buf)
+                    buf.div_(world)
+
     def training_step(self, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch_idx: int):
         total = 0.0
-        for task, (images, labels) in batch.items():
+        for task in self.tasks_for_step(list(batch)):
+            images, labels = batch[task]
             logits = self(images, task)
             loss = F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing)
-            total = total + self.tasks[task].loss_weight * loss
+            total = total + self.tasks[task].loss_weight * self.loss_scale(task) * loss
             self.train_acc[task].update(logits.argmax(-1), labels)
             self.log(f"train/{task}/loss", loss, on_step=False, on_epoch=True, batch_size=len(labels))
+        for task in self.trainable_tasks:
+            # Logged every step on every rank, even when not trained now: the epoch-end sync of a
+            # metric is a collective that all ranks must join.
             self.log(f"train/{task}/acc", self.train_acc[task], on_step=False, on_epoch=True)
         self.log("train/loss", total, prog_bar=True, batch_size=1)
         return total
@@ -162,10 +270,10 @@ class PatchModule(L.LightningModule):
         mean_acc = getattr(self, f"{stage}_mean_acc")
         acc.update(preds, labels)
         mean_acc.update(preds, labels, dataloader_idx)
-        self.log(f"{stage}/{task}/loss", F.cross_entropy(logits, labels), batch_size=len(labels),
-                 add_dataloader_idx=False)
+        self.log(
+            f"{stage}/{task}/loss", F.cross_entropy(logits, labels), batch_size=len(labels), add_dataloader_idx=False
+        )
         self.log(f"{stage}/{task}/acc", acc, add_dataloader_idx=False)
-        self.log(f"{stage}/acc", mean_acc, add_dataloader_idx=False, prog_bar=True)
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, dataloader_idx)
@@ -184,28 +292,38 @@ class PatchModule(L.LightningModule):
         for task in self.task_names:
             counts[f"{task}/patch"] = _numel(self.model.patches[task].parameters())
             counts[f"{task}/head"] = _numel(self.heads[task].parameters())
-        counts["total"] = counts["shared"] + sum(
-            counts[f"{t}/patch"] + counts[f"{t}/head"] for t in self.task_names
-        )
+        counts["total"] = counts["shared"] + sum(counts[f"{t}/patch"] + counts[f"{t}/head"] for t in self.task_names)
         counts["trainable"] = _numel(p for p in self.parameters() if p.requires_grad)
+        # K separately fine-tuned models: a whole backbone and a head per task.
+        counts["separate_models"] = sum(counts["backbone"] + counts[f"{t}/head"] for t in self.task_names)
         return counts
-
-    def on_fit_start(self) -> None:
-        counts = {f"params/{k}": float(v) for k, v in self.parameter_counts().items()}
-        for logger in self.loggers:
-            logger.log_metrics(counts, step=0)
 
     def configure_optimizers(self):
         o = self.optim
         groups = [
-            {"name": "patch", "params": list(self.model.patches.parameters()),
-             "lr": o.patch_lr or o.lr, "weight_decay": o.patch_weight_decay},
-            {"name": "head", "params": list(self.heads.parameters()),
-             "lr": o.head_lr or o.lr, "weight_decay": o.weight_decay},
+            {
+                "name": "patch",
+                "params": list(self.model.patches.parameters()),
+                "lr": o.patch_lr or o.lr,
+                "weight_decay": o.patch_weight_decay,
+            },
+            {
+                "name": "head",
+                "params": list(self.heads.parameters()),
+                "lr": o.head_lr or o.lr,
+                "weight_decay": o.weight_decay,
+            },
         ]
         if self.model.train_shared:
-            groups.append({"name": "shared", "params": [p for p in self.model.shared_parameters() if p.requires_grad],
-                           "lr": o.shared_lr or o.lr, "weight_decay": o.weight_decay})
+            groups.append(
+                {
+                    "name": "shared",
+                    "params": [p for p in self.model.shared_parameters() if p.requires_grad],
+                    "lr": o.shared_lr or o.lr,
+                    "weight_decay": o.weight_decay,
+                }
+            )
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
         groups = [g for g in groups if g["params"]]
         if o.name == "sgd":
             optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
@@ -232,3 +350,45 @@ class PatchModule(L.LightningModule):
 
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's tasks, patches or heads do not fit the model being built."""
+
+
+def load_tasks_from_checkpoint(model: PatchModule, state: Mapping[str, torch.Tensor], path: str) -> list[str]:
+    """Load the shared backbone and every task the checkpoint holds into ``model``.
+
+    The model may have tasks the checkpoint lacks (new tasks keep their fresh patch and head);
+    anything else that does not match, key or shape, is an error listing it.
+
+    Returns:
+        The names of the tasks that were loaded.
+    """
+    expected = model.state_dict()
+    loaded_tasks = sorted(
+        {k.split(".")[2] for k in state if k.startswith("model.patches.")}
+        | {k.split(".")[1] for k in state if k.startswith("heads.")}
+    )
+    new_tasks = [t for t in model.task_names if t not in loaded_tasks]
+    fresh = tuple(f"model.patches.{t}." for t in new_tasks) + tuple(f"heads.{t}." for t in new_tasks)
+    missing = sorted(k for k in expected if k not in state and not k.startswith(fresh))
+    unexpected = sorted(k for k in state if k not in expected)
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong:
+        parts = [
+            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if keys
+        ]
+        raise CheckpointMismatchError(
+            f"{path} does not fit this model (tasks in checkpoint: {', '.join(loaded_tasks)}); "
+            + "; ".join(parts)
+            + ". Check backbone, patch and each task's classes against the run that made it."
+        )
+    model.load_state_dict(dict(state), strict=False)
+    return loaded_tasks

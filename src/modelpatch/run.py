@@ -9,22 +9,24 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from modelpatch.backbones import build_backbone, list_backbones
-from modelpatch.module import OptimConfig, PatchModule, TaskHead
+from modelpatch.module import OptimConfig, PatchModule, TaskHead, load_tasks_from_checkpoint
 from modelpatch.patches import parse_kind, resolve_patch
-from modelpatch.tasks import TaskDataModule, task_specs
+from modelpatch.report import RESULTS_FILE
+from modelpatch.tasks import TaskDataModule, TaskSpec, task_specs
 
 log = logging.getLogger("modelpatch")
-
-RESULTS_FILE = "results.json"
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,11 @@ def extras(cfg: DictConfig) -> None:
     """Apply the ``extras`` switches: silence warnings, print the config; always save it."""
     if cfg.get("extras", {}).get("ignore_warnings"):
         warnings.filterwarnings("ignore")
+    _save_and_print_config(cfg)
+
+
+@rank_zero_only
+def _save_and_print_config(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg, resolve=True)
@@ -91,29 +98,97 @@ def resume_path(cfg: DictConfig) -> str | None:
     return None
 
 
+def read_init_checkpoint(cfg: DictConfig) -> tuple[dict, dict, str] | None:
+    """The ``init_from`` checkpoint (state dict, hyper-parameters, path), checked against cfg."""
+    if not cfg.get("init_from"):
+        return None
+    path = hydra.utils.to_absolute_path(str(cfg.init_from))
+    if cfg.backbone.weights is not None:
+        raise ConfigError("set either init_from (a whole multi-task model) or backbone.weights, not both")
+    if not Path(path).is_file():
+        raise ConfigError(f"init_from checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {})
+    if "tasks" not in hp or "state_dict" not in ckpt:
+        raise ConfigError(f"{path} is not a modelpatch checkpoint (no tasks in its hyper-parameters)")
+    want = {
+        "backbone": cfg.backbone.name,
+        "backbone.width": cfg.backbone.width,
+        "patch": cfg.patch.kind,
+        "patch.norm_stats": cfg.patch.norm_stats,
+    }
+    have = {
+        "backbone": hp["backbone"]["name"],
+        "backbone.width": hp["backbone"]["width_mult"],
+        "patch": hp["patch"]["kind"],
+        "patch.norm_stats": hp["patch"]["norm_stats"],
+    }
+    diffs = [f"{k}={have[k]} in the checkpoint but {want[k]} here" for k in want if have[k] != want[k]]
+    if diffs:
+        raise ConfigError(f"init_from {path} does not match this run: {'; '.join(diffs)}")
+    return ckpt["state_dict"], hp, path
+
+
 def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
     """Config -> (data, model). Every check happens here, before training starts."""
     check_config(cfg)
     specs = task_specs(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
+    init = read_init_checkpoint(cfg)
+    kept: list[TaskSpec] = []
+    if init is not None:
+        names = {s.name for s in specs}
+        kept = [TaskSpec(**t["spec"]) for t in init[1]["tasks"] if t["name"] not in names]
+        if kept and cfg.patch.train_shared:
+            raise ConfigError(
+                f"patch.train_shared=true would change the outputs of the loaded tasks "
+                f"({', '.join(s.name for s in kept)}); keep it false to add tasks to a trained model"
+            )
     bb = cfg.backbone
     weights = bb.weights
     if weights not in (None, "imagenet"):
         weights = hydra.utils.to_absolute_path(str(weights))
     backbone = build_backbone(bb.name, weights=weights, width=bb.width, mean=bb.mean, std=bb.std)
     patch = resolve_patch(backbone, cfg.patch.kind, norm_stats=cfg.patch.norm_stats, model_name=bb.name)
-    datamodule = TaskDataModule(specs, root=cfg.data.root, batch_size=cfg.data.batch_size,
-                                eval_batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    datamodule = TaskDataModule(
+        specs + kept,
+        root=cfg.data.root,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        train_tasks=[s.name for s in specs],
+    )
     datamodule.setup()
-    heads = [
-        TaskHead(s.name, datamodule.data[s.name].num_classes, datamodule.data[s.name].class_names, s.loss_weight)
-        for s in specs
-    ]
+    heads = []
+    for s in specs + kept:
+        data = datamodule.data[s.name]
+        heads.append(
+            TaskHead(
+                s.name,
+                data.num_classes,
+                data.class_names,
+                s.loss_weight,
+                train_samples=len(data.train.labels),
+                spec=asdict(s),
+            )
+        )
     model = PatchModule(
-        backbone, patch, heads,
+        backbone,
+        patch,
+        heads,
         optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
-        mean=bb.mean, std=bb.std, train_shared=cfg.patch.train_shared,
+        mean=bb.mean,
+        std=bb.std,
+        train_shared=cfg.patch.train_shared,
+        mixing=cfg.task.get("mixing", "all"),
+        mix_seed=cfg.seed,
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
+    if init is not None:
+        state, _, path = init
+        loaded = load_tasks_from_checkpoint(model, state, path)
+        model.model.backbone.weights_source = path
+        model.freeze_tasks([s.name for s in kept])
+        log.info(f"loaded tasks {', '.join(loaded)} from {path}; frozen: {', '.join(s.name for s in kept) or 'none'}")
     return datamodule, model
 
 
@@ -122,8 +197,10 @@ def describe_params(model: PatchModule) -> str:
     c = model.parameter_counts()
     per_task = "; ".join(f"{t}: patch {c[f'{t}/patch']:,} + head {c[f'{t}/head']:,}" for t in model.task_names)
     pct = 100.0 * sum(c[f"{t}/patch"] for t in model.task_names) / max(1, c["backbone"])
-    return (f"params: total {c['total']:,} | trainable {c['trainable']:,} | shared {c['shared']:,} | "
-            f"backbone {c['backbone']:,} | patch {model.patch.kind} = {pct:.2f}% of backbone | {per_task}")
+    return (
+        f"params: total {c['total']:,} | trainable {c['trainable']:,} | shared {c['shared']:,} | "
+        f"backbone {c['backbone']:,} | patch {model.patch.kind} = {pct:.2f}% of backbone | {per_task}"
+    )
 
 
 def instantiate_dict(node: DictConfig | None) -> list:
@@ -143,8 +220,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info(describe_params(model))
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
-    log.info(f"trainer: {cfg.trainer._target_}; callbacks: {[type(c).__name__ for c in callbacks]}; "
-             f"loggers: {[type(lg).__name__ for lg in loggers]}")
+    log.info(
+        f"trainer: {cfg.trainer._target_}; callbacks: {[type(c).__name__ for c in callbacks]}; "
+        f"loggers: {[type(lg).__name__ for lg in loggers]}"
+    )
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if loggers:
         trainer.logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -170,8 +249,9 @@ def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def make_results(cfg: DictConfig, model: PatchModule, metrics: dict[str, float], *,
-                 wall_time_s: float, checkpoint: str = "") -> dict:
+def make_results(
+    cfg: DictConfig, model: PatchModule, metrics: dict[str, float], *, wall_time_s: float, checkpoint: str = ""
+) -> dict:
     """The ``results.json`` object (see docs/architecture.md for the contract)."""
     counts = model.parameter_counts()
     tasks = {}
@@ -182,7 +262,9 @@ def make_results(cfg: DictConfig, model: PatchModule, metrics: dict[str, float],
             "num_classes": head.num_classes,
             "params_patch": counts[f"{name}/patch"],
             "params_head": counts[f"{name}/head"],
-            "train_size": cfg.task.get("train_size") if "tasks" not in cfg.task else cfg.task.catalog[name].get("train_size"),
+            "train_size": head.spec.get("train_size"),
+            "train_samples": head.train_samples,
+            "frozen": name in model.frozen_tasks,
         }
     try:
         overrides = list(HydraConfig.get().overrides.task)
@@ -190,13 +272,21 @@ def make_results(cfg: DictConfig, model: PatchModule, metrics: dict[str, float],
         overrides = []
     backbone = model.model.backbone
     return {
-        "backbone": {"name": backbone.name, "width": backbone.width_mult, "features": backbone.width,
-                     "weights": backbone.weights_source},
+        "backbone": {
+            "name": backbone.name,
+            "width": backbone.width_mult,
+            "features": backbone.width,
+            "weights": backbone.weights_source,
+        },
         "patch": model.patch.kind,
         "norm_stats": model.patch.norm_stats,
         "train_shared": model.model.train_shared,
         "tasks": tasks,
-        "params": {k: counts[k] for k in ("total", "trainable", "shared", "backbone")},
+        "params": {
+            **{k: counts[k] for k in ("total", "trainable", "shared", "backbone", "separate_models")},
+            "ratio_vs_separate": round(counts["total"] / counts["separate_models"], 4),
+        },
+        "mixing": model.mixing,
         "test_acc": metrics.get("test/acc"),
         "val_acc": metrics.get("val/acc"),
         "seed": cfg.seed,
@@ -221,10 +311,7 @@ def get_metric_value(metrics: dict[str, float], name: str | None) -> float | Non
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(
-            f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}"
-        )
+        raise ConfigError(f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}")
     value = metrics[name]
     log.info(f"{name} = {value:.4f}")
     return value
-

@@ -87,7 +87,9 @@ def read_fashion_mnist(root: Path, train: bool, options: dict):
         for name in FASHION_MNIST_FILES:
             if (raw / name).exists():
                 continue
-            source = next((p for p in (raw / f"{name}.gz", system_dir / f"{name}.gz", system_dir / name) if p.exists()), None)
+            source = next(
+                (p for p in (raw / f"{name}.gz", system_dir / f"{name}.gz", system_dir / name) if p.exists()), None
+            )
             if source is None and not options.get("download", False):
                 raise DatasetMissingError(
                     f"Fashion-MNIST file {name} is neither in {raw} nor in {system_dir}. "
@@ -253,13 +255,24 @@ class TaskDataModule(L.LightningDataModule):
         batch_size: per task and step.
         num_workers: DataLoader workers (0 keeps everything in the main process).
         eval_batch_size: for validation and test; defaults to ``batch_size``.
+        train_tasks: the tasks that get training batches (default: all); the others are only
+            validated and tested (tasks kept frozen from a loaded checkpoint).
     """
 
-    def __init__(self, specs: Sequence[TaskSpec], *, root: str | Path, batch_size: int = 128,
-                 num_workers: int = 0, eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        specs: Sequence[TaskSpec],
+        *,
+        root: str | Path,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        eval_batch_size: int | None = None,
+        train_tasks: Sequence[str] | None = None,
+    ):
         super().__init__()
         check_task_names([s.name for s in specs])
         self.specs = list(specs)
+        self.train_tasks = list(train_tasks) if train_tasks is not None else [s.name for s in specs]
         self.root = Path(root)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -290,7 +303,7 @@ class TaskDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        loaders = {n: self._loader(self.data[n].train, train=True) for n in self.task_names}
+        loaders = {n: self._loader(self.data[n].train, train=True) for n in self.train_tasks}
         return CombinedLoader(loaders, mode="max_size_cycle")
 
     def val_dataloader(self):

@@ -1,0 +1,55 @@
+"""Every option of every config group composes through the real Hydra config."""
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from modelpatch.backbones import build_backbone
+from modelpatch.patches import resolve_patch
+from modelpatch.tasks import task_specs
+
+from .conftest import CONF
+
+GROUPS = ["backbone", "patch", "task", "data", "optim", "trainer", "callbacks", "logger", "experiment", "debug"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+ALL = [(g, o) for g in GROUPS for o in options(g)]
+
+
+@pytest.mark.parametrize(("group", "option"), ALL, ids=[f"{g}={o}" for g, o in ALL])
+def test_every_option_composes(make_cfg, group, option):
+    cfg = make_cfg(f"{group}={option}")
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    specs = task_specs(OmegaConf.to_container(cfg.task), OmegaConf.to_container(cfg.data))
+    assert specs and all(s.input_size > 0 for s in specs)
+    if group == "backbone":
+        width = 0.25 if option == "mobilenet_v2" else 1.0
+        backbone = build_backbone(cfg.backbone.name, width=width)
+        assert resolve_patch(backbone, cfg.patch.kind).params
+    if group == "patch":
+        assert cfg.patch.kind == option
+
+
+def test_groups_cover_the_product_card():
+    for group in ("backbone", "patch", "task", "trainer", "logger", "hydra", "experiment"):
+        assert (CONF / group).is_dir(), group
+    assert {"logits", "bn", "dw", "bias", "full", "bn+dw"} <= set(options("patch"))
+    assert {"fmnist", "fmnist_a", "fmnist_b", "digits", "cifar10", "cifar100"} <= set(options("task"))
+
+
+def test_unknown_option_lists_the_available_ones(make_cfg):
+    with pytest.raises(ConfigCompositionException, match=r"(?s)patch/bnn.*Available options.*bn\+dw"):
+        make_cfg("patch=bnn")
+
+
+def test_experiment_files_state_their_command():
+    for path in Path(CONF / "experiment").glob("*.yaml"):
+        text = path.read_text()
+        assert text.startswith("# @package _global_"), path
+        assert "python train.py" in text, path

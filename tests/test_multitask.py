@@ -1,0 +1,148 @@
+"""Multi-task learning: K tasks on one backbone, task mixing, DDP, adding a task to a trained model."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from modelpatch.module import CheckpointMismatchError, tasks_per_rank
+from modelpatch.run import ConfigError, build, train
+from modelpatch.tasks import TaskError
+
+from .conftest import ROOT, TINY
+
+SMALL_MIX = [
+    "task=multi",
+    "task.catalog.fmnist_a.train_size=64",
+    "task.catalog.fmnist_b.train_size=64",
+    "task.catalog.digits.train_size=64",
+    "task.catalog.fmnist_a.val_size=64",
+    "task.catalog.fmnist_b.val_size=64",
+]
+
+
+@pytest.mark.parametrize("patch", ["bn", "bn+dw", "logits"])
+def test_multi_trains_and_tests_every_task(make_cfg, tmp_path, fashion_mnist, patch):
+    metrics, objects = train(make_cfg(*SMALL_MIX, f"patch={patch}"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(results["tasks"]) == ["fmnist_a", "fmnist_b", "digits"]
+    counts = objects["model"].parameter_counts()
+    for name, task in results["tasks"].items():
+        assert task["test_acc"] == metrics[f"test/{name}/acc"]
+        assert task["params_patch"] == counts[f"{name}/patch"] and task["params_head"] == counts[f"{name}/head"]
+    params = results["params"]
+    per_task = sum(t["params_patch"] + t["params_head"] for t in results["tasks"].values())
+    assert params["total"] == params["shared"] + per_task
+    assert params["ratio_vs_separate"] == pytest.approx(params["total"] / params["separate_models"], abs=1e-4)
+    assert params["ratio_vs_separate"] < 0.5  # three tasks for much less than three networks
+    assert results["test_acc"] == pytest.approx(sum(metrics[f"test/{t}/acc"] for t in results["tasks"]) / 3, abs=1e-6)
+
+
+def step_tasks(model, steps):
+    chosen = []
+    for step in range(steps):
+        model._trainer = SimpleNamespace(global_step=step, world_size=1, global_rank=0)
+        chosen.append(tuple(model.tasks_for_step(model.task_names)))
+    return chosen
+
+
+def test_mixing_modes_choose_tasks_per_step(make_cfg):
+    cfg = make_cfg(*SMALL_MIX, "task.catalog.digits.train_size=640")
+    _, model = build(cfg)
+    assert step_tasks(model, 2) == [("fmnist_a", "fmnist_b", "digits")] * 2
+    model.mixing = "round_robin"
+    assert step_tasks(model, 4) == [("fmnist_a",), ("fmnist_b",), ("digits",), ("fmnist_a",)]
+    model.mixing = "proportional"
+    draws = step_tasks(model, 600)
+    assert draws == step_tasks(model, 600)  # the same on every rank: seeded by step
+    share = sum(d == ("digits",) for d in draws) / len(draws)
+    assert 0.7 < share < 0.9  # 640 of 768 training images
+    model.freeze_tasks(["digits"])
+    assert all(d != ("digits",) for d in step_tasks(model, 50))
+
+
+def test_per_device_assignment_and_undiluted_gradient_scale(make_cfg):
+    assert tasks_per_rank(["a", "b"], 2) == ["a", "b"]
+    assert tasks_per_rank(["a", "b"], 3) == ["a", "b", "a"]
+    with pytest.raises(ValueError, match=r"needs trainer\.devices >= 3"):
+        tasks_per_rank(["a", "b", "c"], 2)
+    _, model = build(make_cfg(*SMALL_MIX, "task.mixing=per_device", "task.tasks=[fmnist_b,digits]"))
+    model._trainer = SimpleNamespace(global_step=0, world_size=3, global_rank=2)
+    # rank 2 trains fmnist_b; DDP divides by 3 ranks, fmnist_b is on 2 of them, digits on 1.
+    assert model.tasks_for_step(model.task_names) == ["fmnist_b"]
+    assert model.loss_scale("fmnist_b") == 1.5 and model.loss_scale("digits") == 3.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["task.tasks=[]"], "the task mix is empty"),
+        (["task.tasks=[digits,digits]"], "more than once: digits"),
+        (["task.tasks=[digits,mnist]"], "unknown task.*mnist; known tasks: cifar10"),
+    ],
+)
+def test_bad_mixes_are_refused(make_cfg, overrides, message):
+    with pytest.raises(TaskError, match=message):
+        train(make_cfg("task=multi", *overrides))
+
+
+def test_adding_a_task_leaves_old_predictions_bit_for_bit(make_cfg, tmp_path):
+    old_cfg = make_cfg(*SMALL_MIX, "task.tasks=[fmnist_b,digits]", "patch=bn", out="old")
+    _, old = train(old_cfg)
+    best = old["trainer"].checkpoint_callback.best_model_path
+    old_results = json.loads((tmp_path / "old" / "results.json").read_text())
+
+    _, new = train(make_cfg("task=fmnist_a", "task.train_size=64", "task.val_size=64", "patch=bn", f"init_from={best}"))
+    new_model, data = new["model"].eval(), new["datamodule"].data
+    assert new_model.frozen_tasks == {"fmnist_b", "digits"} and new_model.task_names[0] == "fmnist_a"
+    old_model = old["model"].eval()
+    with torch.no_grad():
+        for task in ("fmnist_b", "digits"):
+            images = data[task].test.images[:256]
+            assert torch.equal(new_model(images, task), old_model(images, task)), task
+    new_results = json.loads((tmp_path / "run" / "results.json").read_text())
+    for task in ("fmnist_b", "digits"):
+        assert new_results["tasks"][task]["frozen"] is True
+        assert new_results["tasks"][task]["test_acc"] == old_results["tasks"][task]["test_acc"]
+    assert (
+        new_results["params"]["trainable"]
+        == new_results["tasks"]["fmnist_a"]["params_patch"] + (new_results["tasks"]["fmnist_a"]["params_head"])
+    )
+
+
+def test_checkpoints_that_do_not_fit_are_refused(make_cfg, tmp_path):
+    train(make_cfg("task=digits", "task.train_size=64", "patch=bn", out="old"))
+    ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="patch=bn in the checkpoint but dw here"):
+        build(make_cfg("task=fmnist_b", "patch=dw", f"init_from={ckpt}"))
+    wrong_head = r"wrong shape: .*heads\.digits\.weight \(10, 1280\) vs \(3, 1280\)"
+    with pytest.raises(CheckpointMismatchError, match=wrong_head):
+        build(make_cfg("task=digits", "task.classes=[0,1,2]", "patch=bn", f"init_from={ckpt}"))
+    with pytest.raises(ConfigError, match="train_shared=true would change the outputs of the loaded tasks"):
+        build(make_cfg("task=fmnist_b", "patch=bn", "patch.train_shared=true", f"init_from={ckpt}"))
+
+
+@pytest.mark.parametrize("mixing", ["all", "per_device"])
+def test_ddp_two_processes_train_every_task_in_sync(tmp_path, data_dir, fashion_mnist, mixing):
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    overrides = [o for o in TINY if not o.startswith(("trainer.devices", "trainer.accelerator", "logger="))]
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), *overrides, *SMALL_MIX[:4],
+        "task.tasks=[fmnist_b,digits]", f"task.mixing={mixing}", "patch=bn", "patch.train_shared=true",
+        "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+        f"hydra.run.dir={out}", f"paths.data_dir={data_dir}",
+        "+callbacks.probe._target_=tests.probe.DDPProbe", f"+callbacks.probe.out_dir={probe}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((probe / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    for r in ranks:
+        assert r["grads"] == {t: {"patch": True, "head": True} for t in ("fmnist_b", "digits")}
+    for part in ("shared", "patches", "heads"):
+        assert ranks[0][part] == ranks[1][part], part
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"fmnist_b", "digits"}
