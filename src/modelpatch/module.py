@@ -181,6 +181,26 @@ class PatchModule(L.LightningModule):
         """Logits of ``task``'s head on ``task``'s patched backbone."""
         return self.heads[task](self.features(images, task))
 
+    def forward_mixed(self, images: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
+        """Logits for a batch whose sample ``i`` belongs to task ``tasks[i]``, in one backbone pass.
+
+        Returns:
+            ``[N, max classes]``; columns past a task's own class count are ``-inf``.
+        """
+        if len(tasks) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(tasks)} task names")
+        unknown = sorted(set(tasks) - set(self.tasks))
+        if unknown:
+            raise KeyError(f"unknown task(s) {', '.join(unknown)}; this model serves {', '.join(self.tasks)}")
+        order = list(dict.fromkeys(tasks))
+        index = torch.tensor([order.index(t) for t in tasks], device=images.device)
+        feats = self.model.forward_mixed(self.prepare(images), index, order)
+        out = feats.new_full((len(tasks), max(self.tasks[t].num_classes for t in order)), float("-inf"))
+        for i, task in enumerate(order):
+            rows = index == i
+            out[rows, : self.tasks[task].num_classes] = self.heads[task](feats[rows])
+        return out
+
     # --- steps -----------------------------------------------------------------------------
 
     def tasks_for_step(self, available: Sequence[str]) -> list[str]:

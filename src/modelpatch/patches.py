@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
 NORM_LAYERS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
@@ -211,6 +211,27 @@ class PatchedBackbone(nn.Module):
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         self._freeze_norm_layers()
         return functional_call(self.backbone, self.patches[task].tensors(), (x,), strict=False)
+
+    def forward_mixed(self, x: torch.Tensor, task_index: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+        """One pass over a batch whose samples belong to different tasks (inference only).
+
+        Sample ``i`` uses the patch of ``tasks[task_index[i]]``: each patched tensor is gathered
+        per sample and the backbone is vectorized over samples (``torch.func.vmap``), so BatchNorm
+        gets per-sample scale, bias and statistics and depthwise convolutions become one grouped
+        convolution.
+        """
+        if self.training:
+            raise RuntimeError("mixed-task batches are for inference: call .eval() first")
+        self._freeze_norm_layers()
+        per_task = [self.patches[t].tensors() for t in tasks]
+        if not per_task[0]:
+            return self.backbone(x)
+        per_sample = {name: torch.stack([p[name] for p in per_task])[task_index] for name in per_task[0]}
+
+        def one(tensors: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.backbone, tensors, (sample.unsqueeze(0),), strict=False).squeeze(0)
+
+        return vmap(one)(per_sample, x)
 
     def train(self, mode: bool = True) -> PatchedBackbone:
         super().train(mode)

@@ -24,6 +24,7 @@ from modelpatch.backbones import build_backbone, list_backbones
 from modelpatch.module import OptimConfig, PatchModule, TaskHead, load_tasks_from_checkpoint
 from modelpatch.patches import parse_kind, resolve_patch
 from modelpatch.report import RESULTS_FILE
+from modelpatch.serving import export_patches, load_patched_model, read_patch_file
 from modelpatch.tasks import TaskDataModule, TaskSpec, task_specs
 
 log = logging.getLogger("modelpatch")
@@ -240,7 +241,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(_floats(trainer.callback_metrics))
 
     if trainer.is_global_zero:
+        files = {}
+        if cfg.get("export_patches", True):
+            files = export_patches(model, Path(cfg.paths.output_dir) / "patches", metrics)
+            log.info(f"patch files: {', '.join(str(p) for p in files.values())}")
         results = make_results(cfg, model, metrics, wall_time_s=time.time() - start, checkpoint=best)
+        results["patch_files"] = {k: str(v) for k, v in files.items()}
         write_json(Path(cfg.paths.output_dir) / RESULTS_FILE, results)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 
@@ -315,3 +321,48 @@ def get_metric_value(metrics: dict[str, float], name: str | None) -> float | Non
     value = metrics[name]
     log.info(f"{name} = {value:.4f}")
     return value
+
+
+@task_wrapper
+def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Base weights + patch files -> test metrics on each file's task, with its training data recipe.
+
+    Writes ``eval_results.json``: per task, the accuracy measured now and the one the patch file
+    recorded when it was trained.
+    """
+    if not cfg.get("patches"):
+        raise ConfigError("eval needs patch files: patches=[<run>/patches/<task>.safetensors,...]")
+    files = [hydra.utils.to_absolute_path(str(p)) for p in cfg.patches]
+    base = cfg.get("base")
+    if base not in (None, "imagenet"):
+        base = hydra.utils.to_absolute_path(str(base))
+    model = load_patched_model(files, base=base)
+    data_options = OmegaConf.to_container(cfg.data, resolve=True)
+    catalog = {t: h.spec for t, h in model.tasks.items()}
+    specs = task_specs({"tasks": model.task_names, "catalog": catalog}, data_options)
+    datamodule = TaskDataModule(
+        specs,
+        root=cfg.data.root,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        train_tasks=[],
+    )
+    datamodule.setup()
+    log.info(describe_params(model))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
+    trainer.test(model, datamodule=datamodule)
+    metrics = _floats(trainer.callback_metrics)
+    recorded = {pf: read_patch_file(pf).meta for pf in files}
+    results = {
+        "tasks": {
+            meta["task"]: {"test_acc": metrics.get(f"test/{meta['task']}/acc"), "trained_test_acc": meta["test_acc"],
+                           "patch_file": pf}
+            for pf, meta in recorded.items()
+        },
+        "backbone": model.model.backbone.name,
+        "patch": model.patch.kind,
+        "base": model.model.backbone.weights_source,
+    }
+    write_json(Path(cfg.paths.output_dir) / "eval_results.json", results)
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}

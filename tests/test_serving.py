@@ -1,0 +1,148 @@
+"""Patch files and serving: export, eval.py in a fresh process, mixed-task batches, file safety."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import modelpatch.serving as serving
+from modelpatch.backbones import build_backbone
+from modelpatch.module import PatchModule, TaskHead
+from modelpatch.patches import resolve_patch
+from modelpatch.run import train
+from modelpatch.serving import (
+    BASE_FILE,
+    PatchFileError,
+    check_fits,
+    export_patches,
+    load_patched_model,
+    read_patch_file,
+    storage_summary,
+)
+
+from .conftest import ROOT
+
+
+def test_train_export_then_eval_in_a_fresh_process_gives_the_same_accuracy(make_cfg, tmp_path, data_dir):
+    train(make_cfg("task=digits", "task.train_size=200", "patch=bn+dw", "trainer.limit_test_batches=1.0"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    patch_file = tmp_path / "run" / "patches" / "digits.safetensors"
+    assert results["patch_files"] == {"base": str(tmp_path / "run" / "patches" / BASE_FILE), "digits": str(patch_file)}
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "eval.py"), f"patches=[{patch_file}]", f"hydra.run.dir={out}",
+         f"paths.data_dir={data_dir}", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+         "extras.print_config=false", "data.eval_batch_size=37"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((out / "eval_results.json").read_text())["tasks"]["digits"]
+    assert evaluated["test_acc"] == evaluated["trained_test_acc"] == results["tasks"]["digits"]["test_acc"]
+
+
+def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4))) -> PatchModule:
+    torch.manual_seed(0)
+    backbone = build_backbone("mobilenet_v2", width=0.25)
+    heads = [TaskHead(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": 32}) for n, k in tasks]
+    model = PatchModule(backbone, resolve_patch(backbone, kind), heads)
+    with torch.no_grad():  # make every task's patch and statistics differ
+        for name in model.task_names:
+            for p in model.model.patches[name].parameters():
+                p.add_(0.2 * torch.randn_like(p))
+            for b in model.model.patches[name].buffers():
+                if b.is_floating_point():
+                    b.mul_(1 + 0.3 * torch.rand_like(b))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["bn", "bn+dw", "logits"])
+def test_mixed_task_batch_equals_per_task_passes(kind, tmp_path):
+    model = tiny_model(kind)
+    images = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
+    tasks = ["a", "b", "c", "b", "a", "c", "c", "b", "a", "a", "b", "c"]
+    export_patches(model, tmp_path)
+    served = load_patched_model(sorted(tmp_path.glob("[abc].safetensors")))
+    with torch.no_grad():
+        mixed = served.forward_mixed(images, tasks)
+        for i, task in enumerate(tasks):
+            single = model(images[i : i + 1], task)[0]
+            k = model.tasks[task].num_classes
+            torch.testing.assert_close(mixed[i, :k], single, rtol=1e-4, atol=1e-5)
+            assert torch.isinf(mixed[i, k:]).all()
+        for task in "abc":  # the served model is the trained one, exactly
+            assert torch.equal(served(images, task), model(images, task))
+
+
+def test_patch_for_another_backbone_or_base_is_refused(tmp_path):
+    model = tiny_model("bn")
+    files = export_patches(model, tmp_path)
+    pf = read_patch_file(files["a"])
+    with pytest.raises(PatchFileError, match="backbone: patch file has mobilenet_v2, base has resnet18"):
+        check_fits(build_backbone("resnet18"), pf)
+    other = tmp_path / "other"
+    export_patches(tiny_model("bn", tasks=(("z", 2),)), other)  # same architecture, new random base
+    torch.manual_seed(1)
+    serving.atomic_save(dict(build_backbone("mobilenet_v2", width=0.25).state_dict()), other / BASE_FILE,
+                        serving.base_metadata(build_backbone("mobilenet_v2", width=0.25)))
+    with pytest.raises(PatchFileError, match="fingerprint: patch file has"):
+        load_patched_model([files["a"]], base=str(other / BASE_FILE))
+
+
+def test_truncated_tampered_and_foreign_files_are_clear_errors(tmp_path):
+    path = export_patches(tiny_model("bn"), tmp_path)["a"]
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(PatchFileError, match="truncated or not a safetensors file"):
+        read_patch_file(tmp_path / "cut.safetensors")
+    tampered = bytearray(data)
+    tampered[-3] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(tampered))
+    with pytest.raises(PatchFileError, match="modified after it was written"):
+        read_patch_file(tmp_path / "bad.safetensors")
+    with pytest.raises(PatchFileError, match="not a modelpatch patch file"):
+        read_patch_file(tmp_path / BASE_FILE)
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    model = tiny_model("bn")
+    path = export_patches(model, tmp_path)["a"]
+    before = path.read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(serving, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        export_patches(model, tmp_path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", BASE_FILE, "c.safetensors"]
+
+
+def test_storage_summary_and_cli(tmp_path):
+    model = tiny_model("bn")
+    files = export_patches(model, tmp_path)
+    summary = storage_summary(tmp_path)
+    assert summary["tasks"] == 3 and summary["base_bytes"] == files["base"].stat().st_size
+    assert summary["base_plus_patches_bytes"] < 0.5 * summary["separate_models_bytes"]
+    out = tmp_path / "merged" / "a.safetensors"
+    cli = [sys.executable, "-m", "modelpatch.serving"]
+    proc = subprocess.run([*cli, "apply", str(files["a"]), "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    merged = load_file(out)
+    head = {k.removeprefix("head."): merged.pop(k) for k in list(merged) if k.startswith("head.")}
+    standalone = build_backbone("mobilenet_v2", width=0.25).eval()
+    standalone.load_state_dict(merged)
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images, "a")
+        got = torch.nn.functional.linear(standalone(model.prepare(images)), head["weight"], head["bias"])
+    torch.testing.assert_close(got, expected)
+    info = subprocess.run([*cli, "info", str(files["b"])], capture_output=True, text=True)
+    assert json.loads(info.stdout)["task"] == "b"
+    bad = subprocess.run([*cli, "info", str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
