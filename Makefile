@@ -28,6 +28,7 @@ main: setup system-deps
 	$(PY) -m modelpatch.report $(RUN)/transfer
 
 test: setup system-deps
+	bash scripts/slurm-local.sh
 	$(PY) -m pytest
 
 lint: setup

@@ -20,9 +20,50 @@ from modelpatch.backbones import (
 @pytest.mark.parametrize("name", list_backbones())
 def test_every_backbone_is_a_feature_extractor(name):
     backbone = build_backbone(name, width=0.25 if name == "mobilenet_v2" else 1.0).eval()
+    size = 75 if name == "inception_v3" else 32  # Inception's stem needs 75x75
     with torch.no_grad():
-        out = backbone(torch.randn(2, 3, 32, 32))
+        out = backbone(torch.randn(2, 3, size, size))
     assert out.shape == (2, backbone.width)
+
+
+def reference_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """A state dict shaped like torchvision's pretrained file for ``name``."""
+    if name == "ssdlite_mobilenet_v3":
+        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+        return ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).state_dict()
+    if name == "inception_v3":
+        return torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    return torchvision.models.get_model(name, weights=None).state_dict()
+
+
+@pytest.mark.parametrize(
+    ("name", "weights", "file"),
+    [
+        ("inception_v3", "imagenet", "inception_v3_google-0cc3c7bd.pth"),
+        ("ssdlite_mobilenet_v3", "coco", "ssdlite320_mobilenet_v3_large_coco-a79551df.pth"),
+    ],
+)
+def test_pretrained_files_of_the_paper_backbones_load_from_the_cache(tmp_path, monkeypatch, name, weights, file):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    state = reference_state_dict(name)
+    path = tmp_path / "hub" / "checkpoints" / file
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    backbone = build_backbone(name, weights=weights)
+    assert backbone.weights_source == weights
+    loaded = backbone.state_dict()
+    prefix = "body.0." if name == "ssdlite_mobilenet_v3" else "body."
+    source_prefix = "backbone.features." if name == "ssdlite_mobilenet_v3" else ""
+    compared = 0
+    for key, value in state.items():
+        if key.startswith(source_prefix) and not key.startswith(("AuxLogits", "fc.")):
+            target = prefix + key.removeprefix(source_prefix)
+            assert torch.equal(loaded[target], value), key
+            compared += 1
+    assert compared == len(loaded)
+    with pytest.raises(BackboneError, match="weights 'coco', not 'imagenet'"):
+        build_backbone("ssdlite_mobilenet_v3", weights="imagenet")
 
 
 def test_unknown_backbone_lists_the_known_ones():

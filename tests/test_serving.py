@@ -85,8 +85,11 @@ def test_patch_for_another_backbone_or_base_is_refused(tmp_path):
     other = tmp_path / "other"
     export_patches(tiny_model("bn", tasks=(("z", 2),)), other)  # same architecture, new random base
     torch.manual_seed(1)
-    serving.atomic_save(dict(build_backbone("mobilenet_v2", width=0.25).state_dict()), other / BASE_FILE,
-                        serving.base_metadata(build_backbone("mobilenet_v2", width=0.25)))
+    serving.atomic_save(
+        dict(build_backbone("mobilenet_v2", width=0.25).state_dict()),
+        other / BASE_FILE,
+        serving.base_metadata(build_backbone("mobilenet_v2", width=0.25)),
+    )
     with pytest.raises(PatchFileError, match="fingerprint: patch file has"):
         load_patched_model([files["a"]], base=str(other / BASE_FILE))
 

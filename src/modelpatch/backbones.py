@@ -25,10 +25,15 @@ class BackboneError(ValueError):
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """Where a torchvision model keeps its final linear layer (removed to expose features)."""
+    """Where a torchvision model keeps its final linear layer (removed to expose features).
 
-    final_linear: str
+    ``pretrained`` names the weights value that loads torchvision's pretrained weights for it
+    (``imagenet`` for classifiers; ``coco`` for a detector's feature extractor).
+    """
+
+    final_linear: str | None
     accepts_width: bool = False
+    pretrained: str = "imagenet"
 
 
 # The final Linear is replaced by Identity; what comes before it (pooling, and for some models
@@ -41,12 +46,17 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec("fc"),
     "efficientnet_b0": BackboneSpec("classifier.1"),
     "convnext_tiny": BackboneSpec("classifier.2"),
+    "inception_v3": BackboneSpec("fc"),
+    # The feature extractor of torchvision's SSDLite detector, pooled: the paper's detector-to-
+    # classifier study. Its pretrained weights are the detector's (COCO).
+    "ssdlite_mobilenet_v3": BackboneSpec(None, pretrained="coco"),
 }
 
 # Where PatchModule keeps the shared backbone and the per-task patches in its state dict.
 CKPT_BACKBONE = "model.backbone."
 CKPT_PATCHES = "model.patches."
 
+PRETRAINED = ("imagenet", "coco")  # weights values that mean "torchvision's pretrained weights"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -107,40 +117,81 @@ def build_backbone(
             f"backbone {name!r} has no width multiplier (got width={width}); only "
             f"{', '.join(n for n, s in sorted(BACKBONES.items()) if s.accepts_width)} take one"
         )
-    kwargs = {"width_mult": width} if spec.accepts_width else {}
-    model = torchvision.models.get_model(name, weights=None, **kwargs)
-    if weights == "imagenet":
-        if width != 1.0:
-            raise BackboneError(f"torchvision has ImageNet weights for {name} at width 1.0 only, got {width}")
+    pretrained = weights in PRETRAINED
+    if pretrained and weights != spec.pretrained:
+        raise BackboneError(f"{name} has torchvision weights {spec.pretrained!r}, not {weights!r}")
+    if pretrained and width != 1.0:
+        raise BackboneError(f"torchvision has {weights} weights for {name} at width 1.0 only, got {width}")
+    if pretrained:
         _check_normalization(name, mean, std)
-        model.load_state_dict(load_imagenet_state_dict(name))
-    final = model.get_submodule(spec.final_linear)
-    _replace_submodule(model, spec.final_linear, nn.Identity())
-    backbone = Backbone(name, model, width=final.in_features, width_mult=width)
-    if weights == "imagenet":
-        backbone.weights_source = "imagenet"
+    model = _torchvision_model(name, width=width, pretrained=pretrained)
+    if spec.final_linear is None:
+        features = _feature_width(model)
+    else:
+        features = model.get_submodule(spec.final_linear).in_features
+        _replace_submodule(model, spec.final_linear, nn.Identity())
+    backbone = Backbone(name, model, width=features, width_mult=width)
+    if pretrained:
+        backbone.weights_source = str(weights)
     elif weights is not None:
         load_backbone_weights(backbone, weights)
     return backbone
 
 
-def imagenet_weights_file(name: str) -> Path:
-    """Where torchvision keeps the ImageNet weights of ``name`` in the torch hub cache."""
-    enum = torchvision.models.get_model_weights(name).DEFAULT
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(enum.url)
+def _torchvision_model(name: str, *, width: float, pretrained: bool) -> nn.Module:
+    """The torchvision model for ``name``, with its pretrained weights loaded if asked."""
+    if name == "ssdlite_mobilenet_v3":
+        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+
+        detector = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
+        if pretrained:
+            detector.load_state_dict(load_pretrained_state_dict(name))
+        return nn.Sequential(detector.backbone.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    kwargs: dict = {"width_mult": width} if BACKBONES[name].accepts_width else {}
+    if name == "inception_v3":
+        # torchvision's pretrained Inception carries an auxiliary head and rescales its input.
+        kwargs = {"aux_logits": pretrained, "transform_input": pretrained, "init_weights": not pretrained}
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if pretrained:
+        model.load_state_dict(load_pretrained_state_dict(name))
+    if name == "inception_v3":
+        model.aux_logits, model.AuxLogits = False, None
+    return model
 
 
-def load_imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """Read torchvision's ImageNet weights for ``name`` from the hub cache, downloading if online."""
-    enum = torchvision.models.get_model_weights(name).DEFAULT
-    path = imagenet_weights_file(name)
+@torch.no_grad()
+def _feature_width(model: nn.Module) -> int:
+    was_training = model.training
+    width = model.eval()(torch.zeros(1, 3, 64, 64)).shape[-1]
+    model.train(was_training)
+    return int(width)
+
+
+def _weights_enum(name: str):
+    if name == "ssdlite_mobilenet_v3":
+        return torchvision.models.detection.SSDLite320_MobileNet_V3_Large_Weights.COCO_V1
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def pretrained_weights_file(name: str) -> Path:
+    """Where torchvision keeps the pretrained weights of ``name`` in the torch hub cache."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_weights_enum(name).url)
+
+
+imagenet_weights_file = pretrained_weights_file
+
+
+def load_pretrained_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """Read torchvision's pretrained weights for ``name`` from the hub cache, downloading if online."""
+    enum = _weights_enum(name)
+    path = pretrained_weights_file(name)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(enum.url, str(path), progress=False)
         except Exception as err:
             raise BackboneError(
-                f"ImageNet weights for {name} are not in the torch hub cache and could not be "
+                f"pretrained weights for {name} are not in the torch hub cache and could not be "
                 f"downloaded ({err}). Fetch {enum.url} on a machine with internet access and "
                 f"copy it to {path} (set TORCH_HOME to use another cache folder)."
             ) from err
@@ -211,7 +262,8 @@ def load_backbone_weights(backbone: Backbone, path: str | os.PathLike) -> None:
     expected = backbone.state_dict()
     # A full torchvision state dict still holds the final layer this backbone removed.
     spec = BACKBONES[backbone.name]
-    state = {k: v for k, v in state.items() if not k.startswith(f"body.{spec.final_linear}.")}
+    if spec.final_linear is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(f"body.{spec.final_linear}.")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)

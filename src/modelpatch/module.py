@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from modelpatch.backbones import Backbone
 from modelpatch.patches import Patch, PatchedBackbone
-from modelpatch.tasks import check_task_names
+from modelpatch.tasks import TaskDataModule, check_task_names
 
 
 @dataclass
@@ -116,6 +116,7 @@ class PatchModule(L.LightningModule):
         self.mixing = mixing
         self.mix_seed = mix_seed
         self.frozen_tasks: set[str] = set()
+        self.inputs_are_features = False
         self.optim = optim or OptimConfig()
         if self.optim.name not in OPTIMIZERS:
             raise ValueError(f"optim.name={self.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -178,8 +179,34 @@ class PatchModule(L.LightningModule):
         return self.model(self.prepare(images), task)
 
     def forward(self, images: torch.Tensor, task: str) -> torch.Tensor:
-        """Logits of ``task``'s head on ``task``'s patched backbone."""
+        """Logits of ``task``'s head on ``task``'s patched backbone (or on cached features)."""
+        if self.inputs_are_features:
+            return self.heads[task](images)
         return self.heads[task](self.features(images, task))
+
+    @torch.no_grad()
+    def cache_features(self, datamodule: TaskDataModule, batch_size: int = 512) -> None:
+        """Replace every split's images by the backbone's features, computed once.
+
+        Exact only for a fixed backbone (``logits`` patch, frozen statistics, nothing shared
+        trained): then training the heads on cached features is training on images.
+        """
+        if not self.model.fixed_backbone:
+            raise ValueError(
+                f"features can be cached only for a fixed backbone (patch=logits, norm_stats=frozen, "
+                f"train_shared=false); this run has patch={self.patch.kind}, norm_stats={self.patch.norm_stats}"
+            )
+        if not datamodule.cacheable:
+            raise ValueError("features can be cached only for in-memory tasks without augment (not streamed from disk)")
+        was_training = self.training
+        self.eval()
+        for name, data in datamodule.data.items():
+            for split in (data.train, data.val, data.test):
+                chunks = [self.features(split.images[i : i + batch_size].to(self.device), name).cpu()
+                          for i in range(0, len(split.labels), batch_size)]
+                split.images = torch.cat(chunks) if chunks else torch.empty(0, self.model.backbone.width)
+        self.inputs_are_features = True
+        self.train(was_training)
 
     def forward_mixed(self, images: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """Logits for a batch whose sample ``i`` belongs to task ``tasks[i]``, in one backbone pass.

@@ -196,7 +196,12 @@ class PatchedBackbone(nn.Module):
         patched = set(patch.params)
         for name, param in backbone.named_parameters():
             param.requires_grad_(train_shared and name not in patched)
-        self._norm_layers = [m for m in backbone.modules() if isinstance(m, _BatchNorm)]
+        # Nothing of the backbone trains and its statistics are fixed: it is a fixed function, kept
+        # in eval mode whole (dropout and stochastic depth off too), so its features can be cached.
+        self.fixed_backbone = not patch.params and patch.norm_stats == "frozen" and not train_shared
+        self._norm_layers = [
+            m for m in backbone.modules() if self.fixed_backbone or isinstance(m, _BatchNorm)
+        ]
         for task in tasks:
             self.add_task(task)
         self._freeze_norm_layers()
@@ -240,7 +245,7 @@ class PatchedBackbone(nn.Module):
 
     def _freeze_norm_layers(self) -> None:
         # Also checked on every forward: trainers may restore saved `.training` flags directly.
-        if self.patch.norm_stats == "frozen":
+        if self.patch.norm_stats == "frozen" or self.fixed_backbone:
             for module in self._norm_layers:
                 module.training = False
 

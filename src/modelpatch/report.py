@@ -1,6 +1,6 @@
 """Gather ``results.json`` files into one table (markdown, CSV) and a parameters-vs-accuracy plot.
 
-python -m modelpatch.report <folder> [--out <folder>] [--no-plot]
+python -m modelpatch.report <folder> [--out <folder>] [--no-plot] [--wandb [--wandb-project <name>]]
 """
 
 from __future__ import annotations
@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("root", help="folder holding results.json files (a run or a multirun)")
     parser.add_argument("--out", help="where to write report.md/.csv/.png (default: root)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
+    parser.add_argument("--wandb", action="store_true", help="also log table and plot to a W&B run")
+    parser.add_argument("--wandb-project", default="modelpatch", help="W&B project for --wandb (default: modelpatch)")
     args = parser.parse_args(argv)
     try:
         table, out = report(args.root, args.out, with_plot=not args.no_plot)
@@ -144,6 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(to_markdown(table))
     print(f"written: {out / 'report.md'}, {out / 'report.csv'}" + ("" if args.no_plot else f", {out / 'report.png'}"))
+    if args.wandb:
+        from modelpatch.wandb_utils import log_report
+
+        png = None if args.no_plot else out / "report.png"
+        run_dir = log_report(table, COLUMNS, png, project=args.wandb_project, name=f"report-{out.name}", save_dir=out)
+        print(f"W&B run: {run_dir}")
     return 0
 
 

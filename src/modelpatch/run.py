@@ -20,12 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from modelpatch.backbones import build_backbone, list_backbones
+from modelpatch.backbones import PRETRAINED, build_backbone, list_backbones
+from modelpatch.launch import cluster_trainer_kwargs
 from modelpatch.module import OptimConfig, PatchModule, TaskHead, load_tasks_from_checkpoint
 from modelpatch.patches import parse_kind, resolve_patch
 from modelpatch.report import RESULTS_FILE
 from modelpatch.serving import export_patches, load_patched_model, read_patch_file
 from modelpatch.tasks import TaskDataModule, TaskSpec, task_specs
+from modelpatch.wandb_utils import setup_wandb
 
 log = logging.getLogger("modelpatch")
 
@@ -146,7 +148,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
             )
     bb = cfg.backbone
     weights = bb.weights
-    if weights not in (None, "imagenet"):
+    if weights is not None and weights not in PRETRAINED:
         weights = hydra.utils.to_absolute_path(str(weights))
     backbone = build_backbone(bb.name, weights=weights, width=bb.width, mean=bb.mean, std=bb.std)
     patch = resolve_patch(backbone, cfg.patch.kind, norm_stats=cfg.patch.norm_stats, model_name=bb.name)
@@ -190,6 +192,16 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         model.model.backbone.weights_source = path
         model.freeze_tasks([s.name for s in kept])
         log.info(f"loaded tasks {', '.join(loaded)} from {path}; frozen: {', '.join(s.name for s in kept) or 'none'}")
+    cache = cfg.data.get("cache_features", "auto")
+    if cache not in ("auto", True, False):
+        raise ConfigError(f"data.cache_features={cache!r}; choose auto, true or false")
+    if cache is True or (cache == "auto" and model.model.fixed_backbone and datamodule.cacheable):
+        on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
+        device = "cuda" if on_gpu else "cpu"
+        start = time.time()
+        model.to(device).cache_features(datamodule)
+        model.cpu()
+        log.info(f"backbone features cached for every split ({time.time() - start:.1f}s): heads train on them")
     return datamodule, model
 
 
@@ -225,7 +237,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         f"trainer: {cfg.trainer._target_}; callbacks: {[type(c).__name__ for c in callbacks]}; "
         f"loggers: {[type(lg).__name__ for lg in loggers]}"
     )
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, **cluster_trainer_kwargs()
+    )
+    setup_wandb(loggers, model.task_names)
     if loggers:
         trainer.logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
@@ -334,7 +349,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         raise ConfigError("eval needs patch files: patches=[<run>/patches/<task>.safetensors,...]")
     files = [hydra.utils.to_absolute_path(str(p)) for p in cfg.patches]
     base = cfg.get("base")
-    if base not in (None, "imagenet"):
+    if base is not None and base not in PRETRAINED:
         base = hydra.utils.to_absolute_path(str(base))
     model = load_patched_model(files, base=base)
     data_options = OmegaConf.to_container(cfg.data, resolve=True)
@@ -356,8 +371,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     recorded = {pf: read_patch_file(pf).meta for pf in files}
     results = {
         "tasks": {
-            meta["task"]: {"test_acc": metrics.get(f"test/{meta['task']}/acc"), "trained_test_acc": meta["test_acc"],
-                           "patch_file": pf}
+            meta["task"]: {
+                "test_acc": metrics.get(f"test/{meta['task']}/acc"),
+                "trained_test_acc": meta["test_acc"],
+                "patch_file": pf,
+            }
             for pf, meta in recorded.items()
         },
         "backbone": model.model.backbone.name,

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from modelpatch.backbones import Backbone, build_backbone, fingerprint
+from modelpatch.backbones import PRETRAINED, Backbone, build_backbone, fingerprint
 from modelpatch.module import PatchModule, TaskHead
 from modelpatch.patches import resolve_patch
 
@@ -89,8 +89,9 @@ def base_metadata(backbone: Backbone) -> dict[str, str]:
     }
 
 
-def export_task_patch(model: PatchModule, task: str, path: str | Path, *, test_acc: float | None = None,
-                      base_weights: str = "") -> Path:
+def export_task_patch(
+    model: PatchModule, task: str, path: str | Path, *, test_acc: float | None = None, base_weights: str = ""
+) -> Path:
     """Write ``task``'s patch, owned statistics and head to ``path`` (atomically)."""
     backbone = model.model.backbone
     patch = model.patch
@@ -136,8 +137,13 @@ def export_patches(model: PatchModule, out_dir: str | Path, metrics: dict[str, f
         written["base"] = atomic_save(dict(backbone.state_dict()), out_dir / BASE_FILE, base_metadata(backbone))
         base_weights = BASE_FILE
     for task in model.task_names:
-        written[task] = export_task_patch(model, task, out_dir / f"{task}.safetensors",
-                                          test_acc=metrics.get(f"test/{task}/acc"), base_weights=base_weights)
+        written[task] = export_task_patch(
+            model,
+            task,
+            out_dir / f"{task}.safetensors",
+            test_acc=metrics.get(f"test/{task}/acc"),
+            base_weights=base_weights,
+        )
     return written
 
 
@@ -185,7 +191,7 @@ def resolve_base(pf: PatchFile, base: str | None) -> str | None:
     source = base if base is not None else pf.meta["base_weights"]
     if source in ("random", ""):
         raise PatchFileError(f"{pf.path} was made on randomly initialized weights; pass the run's {BASE_FILE}")
-    if source not in ("imagenet",) and not Path(source).is_absolute():
+    if source not in PRETRAINED and not Path(source).is_absolute():
         source = str(pf.path.parent / source)
     return source
 
@@ -208,12 +214,16 @@ def load_patched_model(files: Sequence[str | Path], *, base: str | None = None) 
     tasks = [pf.task for pf in pfs]
     if len(set(tasks)) != len(tasks):
         raise PatchFileError(f"two patch files for the same task: {', '.join(tasks)}")
-    backbone = build_backbone(first.meta["backbone"], weights=resolve_base(first, base), width=first.meta["width"],
-                              mean=first.meta["mean"], std=first.meta["std"])
+    backbone = build_backbone(
+        first.meta["backbone"],
+        weights=resolve_base(first, base),
+        width=first.meta["width"],
+        mean=first.meta["mean"],
+        std=first.meta["std"],
+    )
     for pf in pfs:
         check_fits(backbone, pf)
-    patch = resolve_patch(backbone, first.meta["patch"], norm_stats=first.meta["norm_stats"],
-                          model_name=backbone.name)
+    patch = resolve_patch(backbone, first.meta["patch"], norm_stats=first.meta["norm_stats"], model_name=backbone.name)
     heads = [TaskHead(pf.task, pf.meta["num_classes"], pf.meta["classes"], spec=pf.meta["task_spec"]) for pf in pfs]
     model = PatchModule(backbone, patch, heads, mean=first.meta["mean"], std=first.meta["std"])
     for pf in pfs:
@@ -230,10 +240,16 @@ def apply_patch_file(model: PatchModule, pf: PatchFile) -> None:
     head = dict(model.heads[task].named_parameters())
     problems = [f"missing {n}" for n in sorted(expected - given)]
     problems += [f"unexpected {n}" for n in sorted(given - expected)]
-    problems += [f"{n} has shape {tuple(t.shape)}, expected {tuple(own[n].shape)}"
-                 for n, t in {**pf.params, **pf.stats}.items() if n in own and t.shape != own[n].shape]
-    problems += [f"head.{n} has shape {tuple(pf.head.get(n, torch.empty(0)).shape)}, expected {tuple(p.shape)}"
-                 for n, p in head.items() if pf.head.get(n) is None or pf.head[n].shape != p.shape]
+    problems += [
+        f"{n} has shape {tuple(t.shape)}, expected {tuple(own[n].shape)}"
+        for n, t in {**pf.params, **pf.stats}.items()
+        if n in own and t.shape != own[n].shape
+    ]
+    problems += [
+        f"head.{n} has shape {tuple(pf.head.get(n, torch.empty(0)).shape)}, expected {tuple(p.shape)}"
+        for n, p in head.items()
+        if pf.head.get(n) is None or pf.head[n].shape != p.shape
+    ]
     if problems:
         raise PatchFileError(f"{pf.path} does not fit the model: {'; '.join(problems[:5])}")
     with torch.no_grad():
@@ -270,9 +286,16 @@ def storage_summary(folder: str | Path) -> dict:
     heads = {pf.task: sum(t.numel() * t.element_size() for t in pf.head.values()) for pf in pfs}
     shared = base_bytes + sum(per_task.values())
     separate = sum(base_bytes + heads[t] for t in per_task)
-    return {"base_bytes": base_bytes, "patch_bytes": per_task, "base_plus_patches_bytes": shared,
-            "separate_models_bytes": separate, "ratio": round(shared / separate, 4), "tasks": len(per_task),
-            "patch": pfs[0].meta["patch"], "backbone": pfs[0].meta["backbone"]}
+    return {
+        "base_bytes": base_bytes,
+        "patch_bytes": per_task,
+        "base_plus_patches_bytes": shared,
+        "separate_models_bytes": separate,
+        "ratio": round(shared / separate, 4),
+        "tasks": len(per_task),
+        "patch": pfs[0].meta["patch"],
+        "backbone": pfs[0].meta["backbone"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

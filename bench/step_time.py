@@ -1,0 +1,246 @@
+"""Training step time and memory of every patch kind against full fine-tuning, per backbone.
+
+A step is forward + cross-entropy + backward + SGD (momentum 0.9) step, on a model built exactly
+as the platform builds it (``build_backbone``, ``resolve_patch``, ``PatchModule``), from uint8
+images ``[B, 3, S, S]``. All kinds of one (backbone, size) are built in one process and timed
+interleaved, round after round, and the median step is reported.
+
+    .venv/bin/python bench/step_time.py [--quick] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from common import (
+    CpuMonitor,
+    add_common_args,
+    check_device,
+    finish,
+    fmt_int,
+    fmt_mb,
+    machine_info,
+    md_table,
+    median,
+    section_header,
+    wait_for_quiet,
+)
+from torch.autograd.graph import saved_tensors_hooks
+
+from modelpatch.backbones import build_backbone
+from modelpatch.module import PatchModule, TaskHead
+from modelpatch.patches import PatchError, resolve_patch
+
+KINDS = ("full", "bn", "dw", "bn+dw", "bias", "logits")
+CONFIGS = (("mobilenet_v2", 32), ("mobilenet_v2", 64), ("resnet18", 32), ("efficientnet_b0", 32))
+BATCH = 128
+TARGET_RATIO = 0.5  # bn step <= 0.5 x full step, mobilenet_v2 at 32x32, batch 128 (CPU)
+
+
+class Case:
+    """One model (backbone + patch kind) with its optimizer and a fixed batch."""
+
+    def __init__(self, name: str, kind: str, size: int, device: str):
+        torch.manual_seed(0)
+        backbone = build_backbone(name)
+        patch = resolve_patch(backbone, kind, norm_stats="frozen" if kind == "logits" else "task", model_name=name)
+        self.model = PatchModule(backbone, patch, [TaskHead("t", 10)]).to(device).train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
+        gen = torch.Generator().manual_seed(1)
+        self.images = torch.randint(0, 256, (BATCH, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+        self.labels = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
+        self.device = device
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.model(self.images, "t"), self.labels)
+        loss.backward()
+        self.opt.step()
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize(self.device)
+
+    def timed_step(self) -> float:
+        self.sync()
+        start = time.perf_counter()
+        self.step()
+        self.sync()
+        return time.perf_counter() - start
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of one step (run after a warm-up step, so the optimizer state exists):
+
+        - ``saved``: unique storages autograd saves for backward during the forward, not counting
+          the model's own parameters and buffers (resident anyway);
+        - ``grads``: gradients of the trainable parameters; ``optim``: the optimizer's state;
+        - ``cuda_peak``: ``torch.cuda.max_memory_allocated`` over the step (CUDA only).
+        """
+        resident = {
+            t.untyped_storage().data_ptr() for t in itertools.chain(self.model.parameters(), self.model.buffers())
+        }
+        saved: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in resident:
+                saved[ptr] = max(saved.get(ptr, 0), storage.nbytes())
+            return t
+
+        cuda = self.device.startswith("cuda")
+        self.opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(self.model(self.images, "t"), self.labels)
+        loss.backward()
+        self.opt.step()
+        out = {
+            "saved": sum(saved.values()),
+            "grads": sum(p.grad.nbytes for p in self.params if p.grad is not None),
+            "optim": sum(v.nbytes for st in self.opt.state.values() for v in st.values() if torch.is_tensor(v)),
+        }
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            out["cuda_peak"] = torch.cuda.max_memory_allocated(self.device)
+        return out
+
+
+def profile_top_ops(case: Case, rows: int = 8) -> list[tuple[str, float]]:
+    """The ops with the most self CPU time in one step (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        case.step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / 1000) for e in events[:rows]]
+
+
+def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> tuple[list[dict], dict]:
+    cases: dict[str, Case] = {}
+    results: list[dict] = []
+    for kind in KINDS:
+        try:
+            cases[kind] = Case(name, kind, size, device)
+        except PatchError as err:
+            results.append({"kind": kind, "na": str(err).split(": ", 1)[1].split(";")[0]})
+    for case in cases.values():
+        for _ in range(warmup):
+            case.step()
+    kinds = list(cases)
+    for r in range(rounds):  # interleaved, order rotated every round
+        for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
+            cases[kind].times.append(cases[kind].timed_step())
+        done = ", ".join(f"{k} {1000 * median(c.times):.0f}" for k, c in cases.items())
+        print(f"[step_time] {name} {size}px round {r + 1}/{rounds}: median ms {done}", file=sys.stderr, flush=True)
+    for kind, case in cases.items():
+        results.append(
+            {
+                "kind": kind,
+                "ms": 1000 * median(case.times),
+                "min_ms": 1000 * min(case.times),
+                "n": len(case.times),
+                "trainable": sum(p.numel() for p in case.params),
+                **case.memory(),
+            }
+        )
+    order = {k: i for i, k in enumerate(KINDS)}
+    results.sort(key=lambda r: order[r["kind"]])
+    full = next(r for r in results if r["kind"] == "full")
+    for r in results:
+        if "ms" in r:
+            r["ratio"] = r["ms"] / full["ms"]
+    profiles = {}
+    if name == "mobilenet_v2" and size == 32:
+        profiles = {k: profile_top_ops(cases[k]) for k in ("full", "bn")}
+    return results, profiles
+
+
+def table(results: list[dict], cuda: bool) -> str:
+    header = ["patch", "step ms (median)", "ratio to full", "images/s", "trainable params"]
+    header += ["saved for backward MB", "grads + optimizer MB", "total MB"]
+    if cuda:
+        header.append("CUDA peak MB")
+    rows = []
+    for r in results:
+        if "na" in r:
+            rows.append([f"`{r['kind']}`", f"n/a: selects nothing ({r['na']})", *[""] * (len(header) - 2)])
+            continue
+        row = [
+            f"`{r['kind']}`",
+            f"{r['ms']:,.0f}",
+            f"{r['ratio']:.2f}",
+            f"{BATCH / r['ms'] * 1000:,.0f}",
+            fmt_int(r["trainable"]),
+            fmt_mb(r["saved"]),
+            fmt_mb(r["grads"] + r["optim"]),
+            fmt_mb(r["saved"] + r["grads"] + r["optim"]),
+        ]
+        if cuda:
+            row.append(fmt_mb(r["cuda_peak"]))
+        rows.append(row)
+    return md_table(header, rows, align="l" + "r" * (len(header) - 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per kind (default 5; --quick 2)")
+    parser.add_argument("--only", nargs="*", default=None, help="configs to run, e.g. mobilenet_v2:32")
+    args = parser.parse_args()
+    configs = [(n, s) for n, s in CONFIGS if args.only is None or f"{n}:{s}" in args.only]
+    device = check_device(args.device)
+    rounds = args.rounds or (2 if args.quick else 5)
+    warmup = 1 if args.quick else 2
+    info = machine_info(device)
+    load_note = wait_for_quiet(max_wait=args.max_wait)
+    print(f"[step_time] {load_note}", file=sys.stderr)
+    blocks, target = [], None
+    with CpuMonitor() as monitor:
+        for name, size in configs:
+            results, profiles = run_config(name, size, device, rounds, warmup)
+            title = f"### `{name}` (width 1.0), {size}x{size}, batch {BATCH}"
+            blocks.append(f"{title}\n\n{table(results, device != 'cpu')}")
+            if profiles:
+                lines = [f"Top ops by self CPU time in one step (torch.profiler, {name} {size}x{size}):", ""]
+                prof_rows = [
+                    [f"`{k}`", "; ".join(f"{op} {ms:,.0f} ms" for op, ms in ops)] for k, ops in profiles.items()
+                ]
+                lines.append(md_table(["patch", "ops (self CPU ms)"], prof_rows, align="ll"))
+                blocks.append("\n".join(lines))
+            if (name, size) == ("mobilenet_v2", 32):
+                bn = next(r for r in results if r["kind"] == "bn")
+                measured = f"{bn['ratio']:.2f} ({bn['ms']:,.0f} ms vs {bn['ms'] / bn['ratio']:,.0f} ms)"
+                target = (
+                    f"`bn` step <= {TARGET_RATIO} x `full` (mobilenet_v2, 32x32, batch {BATCH}, {device})",
+                    measured,
+                    bn["ratio"] <= TARGET_RATIO,
+                )
+    intro = (
+        f"Each step: forward + cross-entropy + backward + SGD (momentum 0.9) step on uint8 input "
+        f"[{BATCH}, 3, S, S], model built as the platform does (`build_backbone(name)`, "
+        f"`resolve_patch(..., norm_stats='frozen' if logits else 'task')`, `PatchModule(..., [TaskHead('t', 10)])`), "
+        f"random init. The kinds of one table are timed interleaved in one process: {warmup} warm-up step(s), then "
+        f"{rounds} rounds of one step per kind (rotating order); the median step is shown. Memory, measured on one "
+        f"more step: *saved for backward* = bytes of the unique storages autograd saves during the forward "
+        f"(`torch.autograd.graph.saved_tensors_hooks`), excluding the model's own parameters and buffers, which "
+        f"are resident whatever the patch; *grads + optimizer* = `.grad` of every trainable parameter + SGD "
+        f"momentum buffers. Not counted: parameters, the input batch, and transient buffers freed during the step"
+        + (" (the CUDA peak column counts everything allocated)." if device != "cpu" else ".")
+    )
+    header = section_header("step-time", "Training step time and memory per patch", info, load_note, monitor)
+    content = "\n\n".join([header, intro, *blocks])
+    finish("step-time", content, args, target)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""W&B, offline, through the real command line: what a training run and the report write to their runs."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from modelpatch.report import COLUMNS
+from modelpatch.report import main as report_main
+
+from .test_cli import CLI_TINY, train_py
+from .wandb_offline import read_offline_run
+
+
+@pytest.fixture(scope="module")
+def wandb_env(tmp_path_factory):
+    """Offline, with W&B's own settings, cache and staging folders under a temporary folder."""
+    home = tmp_path_factory.mktemp("wandb-home")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+    env |= {f"WANDB_{k}_DIR": str(home / k.lower()) for k in ("CONFIG", "CACHE", "DATA", "ARTIFACT")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def wandb_run(wandb_env, tmp_path_factory):
+    """One two-epoch training run with ``logger=wandb``: (output dir, its offline W&B run folder)."""
+    out = tmp_path_factory.mktemp("wandb") / "run"
+    data = tmp_path_factory.mktemp("data")
+    proc = train_py(
+        *CLI_TINY, "logger=wandb", "patch=bn", "trainer.max_epochs=2", f"hydra.run.dir={out}", f"paths.data_dir={data}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, runs
+    return out, runs[0]
+
+
+def test_training_run_logs_params_and_best_accuracy_to_wandb(wandb_run):
+    out, run_dir = wandb_run
+    results = json.loads((out / "results.json").read_text())
+    run = read_offline_run(run_dir)
+    assert run.exited
+    assert (run.project, run.group, run.name) == ("modelpatch", "digits-bn", "digits-bn-mobilenet_v2-s0")
+    assert run.tags == ["mobilenet_v2", "bn", "digits"]
+    # parameter counts, logged at fit start
+    for key in ("total", "trainable", "shared", "backbone"):
+        assert run.summary[f"params/{key}"] == results["params"][key], key
+    assert run.summary["params/digits/patch"] == results["tasks"]["digits"]["params_patch"]
+    assert run.summary["params/digits/head"] == results["tasks"]["digits"]["params_head"]
+    # per-task and mean validation accuracy every epoch, summarized by their best value
+    for key in ("val/acc", "val/digits/acc"):
+        values = [row[key] for row in run.history if key in row]
+        assert len(values) == 2, key
+        assert run.metrics[key].summary.max
+        assert run.summary[key] == {"max": pytest.approx(max(values))}
+    assert run.summary["val/digits/loss"].keys() == {"min"}
+    assert run.summary["test/digits/acc"] == pytest.approx(results["tasks"]["digits"]["test_acc"])
+    # the model's hyper-parameters, with the resolved run config
+    assert run.config["patch"]["kind"] == "bn" and run.config["backbone"]["name"] == "mobilenet_v2"
+    assert run.config["meta"]["config"]["task"]["name"] == "digits"
+
+
+def test_report_logs_table_and_plot_to_a_wandb_run(wandb_run, tmp_path):
+    out, _ = wandb_run
+    report = tmp_path / "report"
+    assert report_main([str(out), "--out", str(report), "--wandb"]) == 0
+    (run_dir,) = (report / "wandb").glob("offline-run-*")
+    run = read_offline_run(run_dir)
+    assert run.exited and run.project == "modelpatch" and run.job_type == "report"
+    (logged,) = [row for row in run.history if "report/table/_type" in row]
+    assert logged["report/table/_type"] == "table-file" and logged["report/params_vs_accuracy/_type"] == "image-file"
+    table = json.loads((run_dir / "files" / logged["report/table/path"]).read_text())
+    assert table["columns"] == list(COLUMNS)
+    assert [row[:2] for row in table["data"]] == [["digits", "bn"]]
+    png = (run_dir / "files" / logged["report/params_vs_accuracy/path"]).read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) == (report / "report.png").stat().st_size
+    assert run.summary["best/patch"] == "bn"
