@@ -87,7 +87,9 @@ def data_epoch(datamodule) -> tuple[float, int]:
 
 def lightning_epoch(cfg, model, datamodule) -> tuple[float, float, int]:
     timer = EpochTimer()
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[timer], logger=False, enable_checkpointing=False
+    )
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     return timer.epochs[0], time.perf_counter() - start, timer.steps[0]

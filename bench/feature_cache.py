@@ -109,7 +109,9 @@ def one_run(cache: bool, epochs: int, device: str, work: Path, weights: Path) ->
     if cache != model.inputs_are_features:
         raise RuntimeError(f"data.cache_features={cache} but inputs_are_features={model.inputs_are_features}")
     timer = EpochTimer()
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[timer], logger=False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[timer], logger=False, enable_checkpointing=False
+    )
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_s = time.perf_counter() - start

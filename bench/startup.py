@@ -46,6 +46,7 @@ TRAIN_ARGS = [
     "extras.print_config=false",
     "export_patches=false",
     "trainer.enable_progress_bar=false",
+    "optimized_metric=null",  # nothing is validated, so val/acc (the default) is never logged
 ]
 PROBE = "+callbacks.first_step._target_=bench.probes.FirstStepProbe"
 

@@ -133,9 +133,11 @@ def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> t
             cases[kind] = Case(name, kind, size, device)
         except PatchError as err:
             results.append({"kind": kind, "na": str(err).split(": ", 1)[1].split(";")[0]})
-    for case in cases.values():
+    memory = {}
+    for kind, case in cases.items():
         for _ in range(warmup):
             case.step()
+        memory[kind] = case.memory()  # also a second warm-up step
     kinds = list(cases)
     for r in range(rounds):  # interleaved, order rotated every round
         for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
@@ -150,7 +152,7 @@ def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> t
                 "min_ms": 1000 * min(case.times),
                 "n": len(case.times),
                 "trainable": sum(p.numel() for p in case.params),
-                **case.memory(),
+                **memory[kind],
             }
         )
     order = {k: i for i, k in enumerate(KINDS)}
@@ -194,22 +196,25 @@ def table(results: list[dict], cuda: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--rounds", type=int, default=None, help="timed steps per kind (default 5; --quick 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed steps per kind (default 5, 3 at 64x64; --quick 2)"
+    )
     parser.add_argument("--only", nargs="*", default=None, help="configs to run, e.g. mobilenet_v2:32")
     args = parser.parse_args()
     configs = [(n, s) for n, s in CONFIGS if args.only is None or f"{n}:{s}" in args.only]
     device = check_device(args.device)
-    rounds = args.rounds or (2 if args.quick else 5)
-    warmup = 1 if args.quick else 2
+    warmup = 1
     info = machine_info(device)
     load_note = wait_for_quiet(max_wait=args.max_wait)
     print(f"[step_time] {load_note}", file=sys.stderr)
     blocks, target = [], None
     with CpuMonitor() as monitor:
         for name, size in configs:
+            rounds = args.rounds or (2 if args.quick else 5 if size <= 32 else 3)
             results, profiles = run_config(name, size, device, rounds, warmup)
             title = f"### `{name}` (width 1.0), {size}x{size}, batch {BATCH}"
-            blocks.append(f"{title}\n\n{table(results, device != 'cpu')}")
+            note = f"Median of {rounds} steps per kind."
+            blocks.append(f"{title}\n\n{table(results, device != 'cpu')}\n\n{note}")
             if profiles:
                 lines = [f"Top ops by self CPU time in one step (torch.profiler, {name} {size}x{size}):", ""]
                 prof_rows = [
@@ -229,10 +234,11 @@ def main() -> None:
         f"Each step: forward + cross-entropy + backward + SGD (momentum 0.9) step on uint8 input "
         f"[{BATCH}, 3, S, S], model built as the platform does (`build_backbone(name)`, "
         f"`resolve_patch(..., norm_stats='frozen' if logits else 'task')`, `PatchModule(..., [TaskHead('t', 10)])`), "
-        f"random init. The kinds of one table are timed interleaved in one process: {warmup} warm-up step(s), then "
-        f"{rounds} rounds of one step per kind (rotating order); the median step is shown. Memory, measured on one "
-        f"more step: *saved for backward* = bytes of the unique storages autograd saves during the forward "
-        f"(`torch.autograd.graph.saved_tensors_hooks`), excluding the model's own parameters and buffers, which "
+        f"random init. The kinds of one table are timed interleaved in one process: {warmup} warm-up step and "
+        f"the memory step (below) per kind, then rounds of one step per kind (rotating order); the median step is "
+        f"shown. Memory, measured on one step after the warm-up: *saved for backward* = bytes of the unique "
+        f"storages autograd saves during the forward (`torch.autograd.graph.saved_tensors_hooks`), excluding "
+        f"the model's own parameters and buffers, which "
         f"are resident whatever the patch; *grads + optimizer* = `.grad` of every trainable parameter + SGD "
         f"momentum buffers. Not counted: parameters, the input batch, and transient buffers freed during the step"
         + (" (the CUDA peak column counts everything allocated)." if device != "cpu" else ".")

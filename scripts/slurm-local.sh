@@ -36,7 +36,8 @@ real_mb=$((mem_mb * 9 / 10))
 [ "$real_mb" -gt 0 ] || die "could not read the memory size from 'free -m'"
 marker="# Written by scripts/slurm-local.sh"
 if [ -f /etc/slurm/slurm.conf ] && ! grep -q "^$marker" /etc/slurm/slurm.conf && [ -z "${SLURM_LOCAL_FORCE:-}" ]; then
-  die "/etc/slurm/slurm.conf was not written by this script (a real cluster's?); not replacing it (SLURM_LOCAL_FORCE=1 does)"
+  die "/etc/slurm/slurm.conf was not written by this script (a real cluster's?);" \
+    "not replacing it (SLURM_LOCAL_FORCE=1 does)"
 fi
 conf=$(mktemp)
 cat >"$conf" <<EOF
@@ -52,10 +53,10 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
-# A requeued job may start again after cred_expire seconds (SLURM's default: 120), and the backfill
-# scheduler looks every bf_interval seconds (default: 30): short, for a test cluster.
+# Short waits for a test cluster: a requeued job may start again after cred_expire seconds (default
+# 120), and the main and backfill schedulers run every sched_interval, bf_interval seconds (60, 30).
 AuthInfo=cred_expire=10
-SchedulerParameters=bf_interval=2
+SchedulerParameters=bf_interval=2,sched_interval=2
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none

@@ -71,6 +71,7 @@ def test_multirun_on_slurm_runs_both_jobs(slurm, data_dir):
     sweep = slurm
     proc = train_py_slurm(*CLI_TINY, "patch=logits,bn", f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CheckSweepChoices.on_multirun_start raised" not in proc.stderr  # the sweep check ran
     for num, patch in enumerate(["logits", "bn"]):
         results = json.loads((sweep / str(num) / "results.json").read_text())
         assert results["patch"] == patch and results["tasks"]["digits"]["test_acc"] is not None
@@ -98,10 +99,11 @@ def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slur
     checkpoint; submitit requeues it, and the new attempt resumes from last.ckpt. Job 1 runs undisturbed."""
     sweep = slurm
     epochs, steps_per_epoch = 4, 3
-    args = [o for o in CLI_TINY if not o.startswith(("trainer.max_epochs", "+trainer.limit_train_batches"))]
+    replaced = ("trainer.max_epochs", "trainer.limit_train_batches")
+    args = [o for o in CLI_TINY if o.lstrip("+").split("=")[0] not in replaced]
     args += [
         f"trainer.max_epochs={epochs}",
-        f"+trainer.limit_train_batches={steps_per_epoch}",
+        f"++trainer.limit_train_batches={steps_per_epoch}",
         "callbacks.model_checkpoint.every_n_train_steps=2",
         "+callbacks.pace._target_=tests.pace.Pace",
         "+callbacks.pace.seconds_per_step=0.5",
@@ -127,6 +129,7 @@ def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slur
             if driver.poll() is None:
                 driver.kill()
     assert driver.returncode == 0, log.read_text()[-3000:]
+    assert "CheckSweepChoices.on_multirun_start raised" not in log.read_text()
 
     total = epochs * steps_per_epoch
     starts = [int(s) for s in (sweep / "0" / "starts.txt").read_text().split()]

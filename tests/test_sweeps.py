@@ -96,6 +96,7 @@ def test_optuna_search_runs_its_trials_and_records_the_best(tmp_path, data_dir):
         f"paths.data_dir={data_dir}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CheckSweepChoices.on_multirun_start raised" not in proc.stderr
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     searched = {"optim.patch_lr": (1e-4, 1.0), "optim.head_lr": (1e-4, 1.0), "optim.weight_decay": (1e-6, 1e-2)}
     assert best["name"] == "optuna" and set(best["best_params"]) == set(searched)
@@ -112,7 +113,7 @@ def test_optuna_search_runs_its_trials_and_records_the_best(tmp_path, data_dir):
 
 @pytest.mark.parametrize(
     "sweep",
-    [["patch=bn,bogus"], ["hparams_search=optuna_patch", "patch=choice(bn,bogus)"]],
+    [["patch=bn,bogus", "+extras.note=${paths.output_dir}"], ["hparams_search=optuna_patch", "patch=choice(bn,bogus)"]],
     ids=["basic", "optuna"],
 )
 def test_sweep_over_an_unknown_option_fails_before_any_job(tmp_path, sweep):

@@ -37,8 +37,14 @@ def snapshot(module):
 
 @pytest.mark.parametrize(("patch", "norm_stats"), [("logits", "frozen"), ("bn", "task"), ("dw", "frozen")])
 def test_frozen_weights_and_statistics_are_bit_for_bit_unchanged(make_cfg, patch, norm_stats):
-    cfg = make_cfg(*DIGITS, f"patch={patch}", f"patch.norm_stats={norm_stats}", "test=false", "callbacks=none",
-                   "data.cache_features=false")
+    cfg = make_cfg(
+        *DIGITS,
+        f"patch={patch}",
+        f"patch.norm_stats={norm_stats}",
+        "test=false",
+        "callbacks=none",
+        "data.cache_features=false",
+    )
     datamodule, model = build(cfg)
     backbone_before = snapshot(model.model.backbone)
     patch_before = snapshot(model.model.patches)

@@ -7,8 +7,8 @@
   requeues the same Hydra job, which resumes from its ``checkpoints/last.ckpt``. Lightning's own SLURM
   auto-requeue is switched off in such jobs (:func:`cluster_trainer_kwargs`), so exactly one of them acts.
 - :class:`CheckSweepChoices`: a Hydra callback that refuses a sweep over a config group option that does
-  not exist, before the sweeper creates any job (Hydra's basic sweeper checks only the current batch,
-  Optuna's sweeper only when a trial draws the option).
+  not exist, before the sweeper creates any job or folder (Hydra's basic sweeper checks after creating the
+  sweep folder, Optuna's sweeper only when a trial draws the option).
 """
 
 from __future__ import annotations
@@ -120,8 +120,10 @@ class CheckSweepChoices(Callback):
     (command-line sweeps such as ``patch=bn,bogus`` and Optuna's ``hydra.sweeper.params``)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        overrides = [*config.hydra.overrides.task, *config.hydra.overrides.hydra]
-        params = config.hydra.sweeper.get("params") or {}
+        # unresolved: an override may hold an interpolation (${paths.output_dir}) only a job can resolve
+        overrides = OmegaConf.to_container(config.hydra.overrides, resolve=False)
+        overrides = [*overrides["task"], *overrides["hydra"]]
+        params = OmegaConf.to_container(config.hydra.sweeper, resolve=False).get("params") or {}
         overrides += [f"{key}={value}" for key, value in params.items()]
         try:
             check_group_choices(overrides)

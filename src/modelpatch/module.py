@@ -202,8 +202,10 @@ class PatchModule(L.LightningModule):
         self.eval()
         for name, data in datamodule.data.items():
             for split in (data.train, data.val, data.test):
-                chunks = [self.features(split.images[i : i + batch_size].to(self.device), name).cpu()
-                          for i in range(0, len(split.labels), batch_size)]
+                chunks = [
+                    self.features(split.images[i : i + batch_size].to(self.device), name).cpu()
+                    for i in range(0, len(split.labels), batch_size)
+                ]
                 split.images = torch.cat(chunks) if chunks else torch.empty(0, self.model.backbone.width)
         self.inputs_are_features = True
         self.train(was_training)

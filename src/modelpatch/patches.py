@@ -199,9 +199,7 @@ class PatchedBackbone(nn.Module):
         # Nothing of the backbone trains and its statistics are fixed: it is a fixed function, kept
         # in eval mode whole (dropout and stochastic depth off too), so its features can be cached.
         self.fixed_backbone = not patch.params and patch.norm_stats == "frozen" and not train_shared
-        self._norm_layers = [
-            m for m in backbone.modules() if self.fixed_backbone or isinstance(m, _BatchNorm)
-        ]
+        self._norm_layers = [m for m in backbone.modules() if self.fixed_backbone or isinstance(m, _BatchNorm)]
         for task in tasks:
             self.add_task(task)
         self._freeze_norm_layers()
