@@ -114,6 +114,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
         help="rewrite this script's section of docs/benchmarks.md (default: yes, except with --quick)",
     )
     parser.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait for a quiet machine")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch intra-op threads (default: torch's, one per core)"
+    )
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads N``: this process and the processes it starts use N intra-op threads."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
 
 
 def check_device(device: str) -> str:

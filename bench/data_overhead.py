@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from common import (
     CpuMonitor,
     add_common_args,
+    apply_threads,
     check_device,
     compose_cfg,
     finish,
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=TRAIN_SIZE)
     args = parser.parse_args()
     device = check_device(args.device)
+    apply_threads(args)
     rounds = args.rounds or (1 if args.quick else 3)
     logging.getLogger("lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

@@ -25,6 +25,7 @@ from common import (
     FASHION_MNIST,
     CpuMonitor,
     add_common_args,
+    apply_threads,
     check_device,
     compose_cfg,
     finish,
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="cached/uncached pairs, ABBA order (default 2)")
     args = parser.parse_args()
     device = check_device(args.device)
+    apply_threads(args)
     epochs = args.epochs or (2 if args.quick else 4)
     repeats = args.repeats or (1 if args.quick else 2)
     logging.getLogger("lightning").setLevel(logging.WARNING)

@@ -19,6 +19,7 @@ import torch
 from common import (
     CpuMonitor,
     add_common_args,
+    apply_threads,
     check_device,
     finish,
     machine_info,
@@ -77,6 +78,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed calls per way (default 5; --quick 1)")
     args = parser.parse_args()
     device = check_device(args.device)
+    apply_threads(args)
     rounds = args.rounds or (1 if args.quick else 5)
     info = machine_info(device)
     gen = torch.Generator().manual_seed(0)

@@ -25,6 +25,7 @@ from common import (
     ROOT,
     CpuMonitor,
     add_common_args,
+    apply_threads,
     check_device,
     finish,
     machine_info,
@@ -109,6 +110,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=None, help="train.py runs (default 5; --quick 1)")
     args = parser.parse_args()
     device = check_device(args.device)
+    apply_threads(args)
     runs = args.runs or (1 if args.quick else 5)
     info = machine_info(device)
     load_note = wait_for_quiet(max_wait=args.max_wait)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 import time
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from common import (
     CpuMonitor,
     add_common_args,
+    apply_threads,
     check_device,
     finish,
     fmt_int,
@@ -40,6 +42,8 @@ KINDS = ("full", "bn", "dw", "bn+dw", "bias", "logits")
 CONFIGS = (("mobilenet_v2", 32), ("mobilenet_v2", 64), ("resnet18", 32), ("efficientnet_b0", 32))
 BATCH = 128
 TARGET_RATIO = 0.5  # bn step <= 0.5 x full step, mobilenet_v2 at 32x32, batch 128 (CPU)
+# Timed rounds (one step per kind each): most where the target is measured, fewest where steps are slowest.
+ROUNDS = {("mobilenet_v2", 32): 9, ("mobilenet_v2", 64): 3, ("resnet18", 32): 5, ("efficientnet_b0", 32): 3}
 
 
 class Case:
@@ -115,14 +119,39 @@ class Case:
         return out
 
 
-def profile_top_ops(case: Case, rows: int = 8) -> list[tuple[str, float]]:
-    """The ops with the most self CPU time in one step (ms)."""
+def profile_top_ops(case: Case, rows: int = 7) -> tuple[list[tuple[str, float]], float]:
+    """The ops with the most self CPU time in one step (ms), and the total self CPU time (ms)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         case.step()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    return [(e.key, e.self_cpu_time_total / 1000) for e in events[:rows]]
+    total = sum(e.self_cpu_time_total for e in events) / 1000
+    return [(e.key, e.self_cpu_time_total / 1000) for e in events[:rows]], total
+
+
+def threads_check(device: str, pairs: int) -> str:
+    """Steps of ``full`` and ``bn`` (mobilenet_v2, 32x32) with 1 thread and with one per core,
+    alternated step by step: how much the intra-op thread count matters under the current load."""
+    default = torch.get_num_threads()
+    many = os.cpu_count() or 1
+    rows = []
+    for kind in ("full", "bn"):
+        case = Case("mobilenet_v2", kind, 32, device)
+        case.step()
+        times: dict[int, list[float]] = {1: [], many: []}
+        for _ in range(pairs):
+            for threads in times:
+                torch.set_num_threads(threads)
+                times[threads].append(case.timed_step())
+        torch.set_num_threads(default)
+        rows.append(
+            [f"`{kind}`"]
+            + [f"{1000 * median(t):,.0f} ({', '.join(f'{1000 * v:,.0f}' for v in t)})" for t in times.values()]
+            + [f"{median(times[many]) / median(times[1]):.2f}"]
+        )
+    header = ["patch", "1 thread: ms median (each)", f"{many} threads: ms median (each)", f"{many} threads / 1 thread"]
+    return md_table(header, rows, align="lllr")
 
 
 def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> tuple[list[dict], dict]:
@@ -144,12 +173,15 @@ def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> t
             cases[kind].times.append(cases[kind].timed_step())
         done = ", ".join(f"{k} {1000 * median(c.times):.0f}" for k, c in cases.items())
         print(f"[step_time] {name} {size}px round {r + 1}/{rounds}: median ms {done}", file=sys.stderr, flush=True)
+    full_times = cases["full"].times
     for kind, case in cases.items():
         results.append(
             {
                 "kind": kind,
                 "ms": 1000 * median(case.times),
                 "min_ms": 1000 * min(case.times),
+                # each round's step against the same round's full step, then the median over rounds
+                "ratio": median(t / f for t, f in zip(case.times, full_times, strict=True)),
                 "n": len(case.times),
                 "trainable": sum(p.numel() for p in case.params),
                 **memory[kind],
@@ -157,10 +189,6 @@ def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> t
         )
     order = {k: i for i, k in enumerate(KINDS)}
     results.sort(key=lambda r: order[r["kind"]])
-    full = next(r for r in results if r["kind"] == "full")
-    for r in results:
-        if "ms" in r:
-            r["ratio"] = r["ms"] / full["ms"]
     profiles = {}
     if name == "mobilenet_v2" and size == 32:
         profiles = {k: profile_top_ops(cases[k]) for k in ("full", "bn")}
@@ -168,7 +196,7 @@ def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> t
 
 
 def table(results: list[dict], cuda: bool) -> str:
-    header = ["patch", "step ms (median)", "ratio to full", "images/s", "trainable params"]
+    header = ["patch", "step ms (median)", "step ms (min)", "ratio to full", "images/s", "trainable params"]
     header += ["saved for backward MB", "grads + optimizer MB", "total MB"]
     if cuda:
         header.append("CUDA peak MB")
@@ -180,6 +208,7 @@ def table(results: list[dict], cuda: bool) -> str:
         row = [
             f"`{r['kind']}`",
             f"{r['ms']:,.0f}",
+            f"{r['min_ms']:,.0f}",
             f"{r['ratio']:.2f}",
             f"{BATCH / r['ms'] * 1000:,.0f}",
             fmt_int(r["trainable"]),
@@ -196,13 +225,12 @@ def table(results: list[dict], cuda: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument(
-        "--rounds", type=int, default=None, help="timed steps per kind (default 5, 3 at 64x64; --quick 2)"
-    )
+    parser.add_argument("--rounds", type=int, default=None, help="timed steps per kind (default: ROUNDS; --quick 2)")
     parser.add_argument("--only", nargs="*", default=None, help="configs to run, e.g. mobilenet_v2:32")
     args = parser.parse_args()
     configs = [(n, s) for n, s in CONFIGS if args.only is None or f"{n}:{s}" in args.only]
     device = check_device(args.device)
+    apply_threads(args)
     warmup = 1
     info = machine_info(device)
     load_note = wait_for_quiet(max_wait=args.max_wait)
@@ -210,21 +238,27 @@ def main() -> None:
     blocks, target = [], None
     with CpuMonitor() as monitor:
         for name, size in configs:
-            rounds = args.rounds or (2 if args.quick else 5 if size <= 32 else 3)
+            rounds = args.rounds or (2 if args.quick else ROUNDS[(name, size)])
             results, profiles = run_config(name, size, device, rounds, warmup)
             title = f"### `{name}` (width 1.0), {size}x{size}, batch {BATCH}"
-            note = f"Median of {rounds} steps per kind."
+            note = f"{rounds} timed rounds."
             blocks.append(f"{title}\n\n{table(results, device != 'cpu')}\n\n{note}")
             if profiles:
-                lines = [f"Top ops by self CPU time in one step (torch.profiler, {name} {size}x{size}):", ""]
+                lines = [f"Top ops by self CPU time in one profiled step (torch.profiler, {name} {size}x{size}):", ""]
                 prof_rows = [
-                    [f"`{k}`", "; ".join(f"{op} {ms:,.0f} ms" for op, ms in ops)] for k, ops in profiles.items()
+                    [
+                        f"`{k}`",
+                        f"{total:,.0f}",
+                        "; ".join(f"{op} {ms:,.0f} ({100 * ms / total:.0f}%)" for op, ms in ops),
+                    ]
+                    for k, (ops, total) in profiles.items()
                 ]
-                lines.append(md_table(["patch", "ops (self CPU ms)"], prof_rows, align="ll"))
+                lines.append(md_table(["patch", "self CPU ms, all ops", "top ops: ms (share)"], prof_rows, align="lrl"))
                 blocks.append("\n".join(lines))
             if (name, size) == ("mobilenet_v2", 32):
                 bn = next(r for r in results if r["kind"] == "bn")
-                measured = f"{bn['ratio']:.2f} ({bn['ms']:,.0f} ms vs {bn['ms'] / bn['ratio']:,.0f} ms)"
+                full = next(r for r in results if r["kind"] == "full")
+                measured = f"{bn['ratio']:.2f} (medians {bn['ms']:,.0f} ms vs {full['ms']:,.0f} ms)"
                 target = (
                     f"`bn` step <= {TARGET_RATIO} x `full` (mobilenet_v2, 32x32, batch {BATCH}, {device})",
                     measured,
@@ -235,14 +269,27 @@ def main() -> None:
         f"[{BATCH}, 3, S, S], model built as the platform does (`build_backbone(name)`, "
         f"`resolve_patch(..., norm_stats='frozen' if logits else 'task')`, `PatchModule(..., [TaskHead('t', 10)])`), "
         f"random init. The kinds of one table are timed interleaved in one process: {warmup} warm-up step and "
-        f"the memory step (below) per kind, then rounds of one step per kind (rotating order); the median step is "
-        f"shown. Memory, measured on one step after the warm-up: *saved for backward* = bytes of the unique "
-        f"storages autograd saves during the forward (`torch.autograd.graph.saved_tensors_hooks`), excluding "
-        f"the model's own parameters and buffers, which "
-        f"are resident whatever the patch; *grads + optimizer* = `.grad` of every trainable parameter + SGD "
-        f"momentum buffers. Not counted: parameters, the input batch, and transient buffers freed during the step"
+        f"the memory step (below) per kind, then rounds of one step per kind (rotating order). *Step ms*: median "
+        f"and fastest step; *ratio to full*: each round's step divided by the same round's `full` step, median "
+        f"over rounds (it pairs steps timed seconds apart, so slow drifts in background load cancel). "
+        f"Memory, measured on one step after the warm-up: *saved for backward* = bytes of the unique storages "
+        f"autograd saves during the forward (`torch.autograd.graph.saved_tensors_hooks`), excluding the model's "
+        f"own parameters and buffers, which are resident whatever the patch; *grads + optimizer* = `.grad` of every "
+        f"trainable parameter + SGD momentum buffers. Not counted: parameters, the input batch, and transient "
+        f"buffers freed during the step"
         + (" (the CUDA peak column counts everything allocated)." if device != "cpu" else ".")
     )
+    if device == "cpu" and (os.cpu_count() or 1) > 1:
+        pairs = 2 if args.quick else 3
+        with CpuMonitor() as thread_monitor:
+            check = threads_check(device, pairs)
+        blocks.append(
+            f"### Intra-op threads (mobilenet_v2, 32x32, batch {BATCH})\n\n"
+            f"The same steps with `torch.set_num_threads(1)` and with one thread per core, alternated step by step "
+            f"({pairs} pairs, measured after the tables above; "
+            f"{thread_monitor.describe()}). With other processes on the cores, OpenMP threads that wait for each "
+            f"other at every op's barrier can make more threads far slower than one.\n\n{check}"
+        )
     header = section_header("step-time", "Training step time and memory per patch", info, load_note, monitor)
     content = "\n\n".join([header, intro, *blocks])
     finish("step-time", content, args, target)
