@@ -34,20 +34,24 @@ SECTIONS = ("summary", "step-time", "feature-cache", "data-overhead", "startup",
 INTRO = """# Benchmarks
 
 What a patch saves when training and serving, measured on the machine named beside each table.
-Reproduce every table (about 15 minutes on 2 CPU cores):
+Reproduce every table (about 7 minutes of measuring on 2 idle CPU cores, 9-18 minutes in all with
+the waits for a quiet machine):
 
 ```bash
 bash bench/run_all.sh                  # all scripts, CPU; rewrites the tables below
 bash bench/run_all.sh --quick          # smoke run: fewer repetitions, prints, writes nothing
 bash bench/run_all.sh --device cuda    # on a GPU (adds torch.cuda.max_memory_allocated)
+bash bench/run_all.sh --threads 1      # one intra-op thread (default: torch's, one per core)
+bash bench/run_all.sh --max-wait 0     # do not wait for the load to drop
 .venv/bin/python bench/step_time.py    # one table
 ```
 
 Each script rewrites only its own table (between `<!-- bench:NAME -->` markers) and its row of
 the summary; the notes outside the markers are written by hand from the profiles. Before timing,
-a script waits (up to 10 minutes) for the 1-minute load average to drop below 1.0, and records
-the load it measured under; configurations compared with each other are timed in one process,
-interleaved and repeated, and the medians are reported, so background load slows both sides.
+a script waits (30 s at a time, up to 10 minutes) for the 1-minute load average to drop below
+1.0, and records the load it measured under and the CPU other processes used meanwhile;
+configurations compared with each other are timed in one process, interleaved and repeated, and
+the medians are reported, so background load slows both sides.
 """
 
 
@@ -281,7 +285,7 @@ def section_header(name: str, title: str, info: dict, load_note: str, monitor: C
     load = f"Load: {load_note}"
     if monitor is not None:
         load += f"; {monitor.describe()}"
-    lines += [load + ".", ""]
+    lines.append(load + ".")
     return "\n".join(lines)
 
 

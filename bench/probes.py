@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import time
@@ -36,11 +37,13 @@ class EpochTimer(L.Callback):
 
 
 class FirstStepProbe(L.Callback):
-    """Writes wall-clock times (``time.time()``) of fit start and of the first training batch's
-    start and end to the JSON file named by ``$BENCH_PROBE_OUT`` (used by ``bench/startup.py``)."""
+    """Writes wall-clock times (``time.time()``) of fit start, of the first training batch's start
+    and end, of fit end, and of this probe's ``atexit`` handler (run before the interpreter tears
+    down its modules) to the JSON file named by ``$BENCH_PROBE_OUT`` (used by ``bench/startup.py``)."""
 
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
+        atexit.register(self._mark, "atexit")
 
     def _mark(self, key: str) -> None:
         if key not in self.times:
@@ -58,3 +61,6 @@ class FirstStepProbe(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._mark("first_batch_end")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._mark("fit_end")

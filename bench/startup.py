@@ -72,12 +72,24 @@ def run_train(out: Path, device: str) -> dict:
     if "first_batch_end" in marks:
         result["to_first_step_end"] = marks["first_batch_end"] - start_wall
         result["first_step"] = marks["first_batch_end"] - marks["first_batch_start"]
+    if "fit_end" in marks and "first_batch_end" in marks:
+        result["rest_of_fit"] = marks["fit_end"] - marks["first_batch_end"]
+    if "atexit" in marks and "fit_end" in marks:
+        result["after_fit"] = marks["atexit"] - marks["fit_end"]
+    if "atexit" in marks:
+        result["shutdown"] = start_wall + total - marks["atexit"]
     return result
 
 
-def import_time(module: str) -> float:
+# Garbage collection off while importing, then every object the imports made frozen (never
+# scanned again, also not by the interpreter's final collection at exit).
+GC_FREEZE = "import gc; gc.disable(); import {module}; gc.enable(); gc.freeze()"
+
+
+def import_time(module: str, code: str = "import {module}") -> float:
+    """Wall seconds of a fresh process that runs ``code`` (imports and interpreter exit)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import {module}"], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code.format(module=module)], cwd=ROOT, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
@@ -115,11 +127,12 @@ def main() -> None:
     info = machine_info(device)
     load_note = wait_for_quiet(max_wait=args.max_wait)
     print(f"[startup] {load_note}", file=sys.stderr)
-    trains, imports, bases = [], [], []
+    trains, imports, frozen, bases = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp, CpuMonitor() as monitor:
         for i in range(runs):  # interleaved: the import-only process between train.py runs
             trains.append(run_train(Path(tmp) / f"run{i}", device))
             imports.append(import_time("modelpatch.run"))
+            frozen.append(import_time("modelpatch.run", GC_FREEZE))
             bases.append(python_baseline())
             print(f"[startup] run {i + 1}/{runs}: {trains[-1]}, import {imports[-1]:.2f}s", file=sys.stderr)
         breakdown, import_total = import_breakdown("modelpatch.run")
@@ -135,7 +148,14 @@ def main() -> None:
         ["  process start to `Trainer.fit` start (imports, Hydra, data, model)", med("to_fit"), ""],
         ["  process start to end of the first training step", med("to_first_step_end"), ""],
         ["  the first training step itself", med("first_step"), ""],
-        ["`python -c 'import modelpatch.run'`", f"{median(imports):.2f}", ", ".join(f"{v:.2f}" for v in imports)],
+        ["  end of the first step to the end of `Trainer.fit` (teardown, Lightning's default checkpoint)",
+         med("rest_of_fit"), ""],
+        ["  end of fit to `atexit` (results.json, Hydra job end)", med("after_fit"), ""],
+        ["  interpreter shutdown after `atexit` (module teardown, final garbage collection)", med("shutdown"), ""],
+        ["`python -c 'import modelpatch.run'` (whole process)", f"{median(imports):.2f}",
+         ", ".join(f"{v:.2f}" for v in imports)],
+        [f"`python -c '{GC_FREEZE.format(module='modelpatch.run')}'`", f"{median(frozen):.2f}",
+         ", ".join(f"{v:.2f}" for v in frozen)],
         ["`python -c 'pass'` (interpreter alone)", f"{median(bases):.2f}", ""],
     ]  # fmt: skip
     tab = md_table(["what", "seconds (median)", "each run"], rows, align="lrl")
@@ -149,8 +169,11 @@ def main() -> None:
     command = " ".join(["python train.py", *TRAIN_ARGS, f"trainer.accelerator={accelerator}", "hydra.run.dir=<tmp>"])
     intro = (
         f"`{command}` (mobilenet_v2 1.0, `bn` patch, batch 128), {runs} fresh process(es), each followed by "
-        f"a fresh `python -c 'import modelpatch.run'`. The split points come from a probe callback "
-        f"(`{PROBE}`). Import breakdown: `python -X importtime -c 'import modelpatch.run'`, the self time of every "
+        f"a fresh `python -c 'import modelpatch.run'` and the same import with garbage collection off while "
+        f"importing and the imported objects frozen after (`gc.freeze()`: never scanned again, not even by the "
+        f"interpreter's final collection at exit). The split points come from a probe callback "
+        f"(`{PROBE}`: wall-clock marks at fit start, first step start and end, fit end, and in an `atexit` "
+        f"handler). Import breakdown: `python -X importtime -c 'import modelpatch.run'`, the self time of every "
         f"module loaded, summed per top-level package (one run; `-X importtime` itself slows imports a little)."
     )
     header = section_header("startup", "Start-up time of a one-step run", info, load_note, monitor)
