@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -54,11 +55,8 @@ def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], An
 
 
 def _close_wandb() -> None:
-    try:
-        import wandb
-    except ImportError:
-        return
-    if wandb.run is not None:
+    wandb = sys.modules.get("wandb")  # a run that never imported wandb has nothing to close
+    if wandb is not None and wandb.run is not None:
         log.info("closing wandb")
         wandb.finish()
 
