@@ -27,6 +27,8 @@ from .conftest import CONF, ROOT
 from .test_cli import CLI_TINY
 
 START_CLUSTER = "start the local cluster (as root): bash scripts/slurm-local.sh"
+NODE_IDLE_TIMEOUT_S = 120
+BUSY_STATES = {"alloc", "comp"}  # transient: a job is running or its node is cleaning up
 
 
 def train_py_slurm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -52,15 +54,22 @@ def slurm(tmp_path):
     """An idle node of a running SLURM cluster; yields the sweep folder and cancels its jobs afterwards."""
     if shutil.which("sinfo") is None:
         pytest.fail(f"sinfo not found: SLURM is not installed here; {START_CLUSTER} (it installs slurm-wlm, munge)")
-    proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t %P"], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        pytest.fail(
-            f"sinfo failed: {proc.stderr.strip() or proc.stdout.strip()}; is slurmctld running? {START_CLUSTER}"
-        )
-    nodes = [line.split() for line in proc.stdout.splitlines() if line.strip()]
-    if not any(state.rstrip("*~#") in ("idle", "mix") for _, state, *_ in nodes):
-        listed = "; ".join(" ".join(n) for n in nodes) or "no nodes"
-        pytest.fail(f"no idle SLURM node (sinfo: {listed}); {START_CLUSTER}")
+    # The previous test's jobs may still be completing ("comp") or running ("alloc"): wait for them.
+    deadline = time.monotonic() + NODE_IDLE_TIMEOUT_S
+    while True:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t %P"], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            pytest.fail(
+                f"sinfo failed: {proc.stderr.strip() or proc.stdout.strip()}; is slurmctld running? {START_CLUSTER}"
+            )
+        nodes = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+        states = {state.rstrip("*~#$@^-") for _, state, *_ in nodes}
+        if states & {"idle", "mix"}:
+            break
+        if not states & BUSY_STATES or time.monotonic() > deadline:
+            listed = "; ".join(" ".join(n) for n in nodes) or "no nodes"
+            pytest.fail(f"no idle SLURM node after {NODE_IDLE_TIMEOUT_S}s (sinfo: {listed}); {START_CLUSTER}")
+        time.sleep(1)
     sweep = tmp_path / "sweep"
     yield sweep
     cancel_jobs(sweep)
