@@ -1,6 +1,7 @@
 """The real command line: train.py single runs and multiruns, and the report over them."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,3 +45,15 @@ def test_unknown_patch_on_the_command_line_fails_with_the_options(tmp_path):
     assert proc.returncode != 0
     assert "Could not find 'patch/bnn'" in proc.stderr and "bn+dw" in proc.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_local_launcher_shares_the_cores_among_its_jobs(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    proc = train_py(
+        "-m", "hydra/launcher=local", *CLI_TINY, "patch=logits,bn", f"hydra.sweep.dir={sweep}",
+        f"paths.data_dir={data_dir}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    for num in (0, 1):
+        assert f"torch threads: {share}\n" in (sweep / str(num) / "train.log").read_text()

@@ -1,5 +1,6 @@
 """Multi-task learning: K tasks on one backbone, task mixing, DDP, adding a task to a trained model."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modelpatch.module import CheckpointMismatchError, tasks_per_rank
+from modelpatch.module import CheckpointMismatchError, TaskTrainStats, tasks_per_rank
 from modelpatch.run import ConfigError, build, train
 from modelpatch.tasks import TaskError
 
@@ -146,3 +147,25 @@ def test_ddp_two_processes_train_every_task_in_sync(tmp_path, data_dir, fashion_
         assert ranks[0][part] == ranks[1][part], part
     results = json.loads((out / "results.json").read_text())
     assert set(results["tasks"]) == {"fmnist_b", "digits"}
+
+
+def test_train_stats_are_each_tasks_epoch_mean():
+    stats = TaskTrainStats(2)
+    stats.update(torch.tensor(1.0), torch.tensor([0, 1, 1, 0]), torch.tensor([0, 1, 0, 0]), 0)
+    stats.update(torch.tensor(4.0), torch.tensor([2, 2]), torch.tensor([2, 2]), 0)
+    loss, acc, seen = stats.compute()
+    assert loss[0] == pytest.approx((1.0 * 4 + 4.0 * 2) / 6) and acc[0] == pytest.approx(5 / 6)
+    assert seen.tolist() == [6, 0] and loss[1] == 0 and acc[1] == 0
+
+
+def test_training_metrics_are_logged_once_per_epoch_for_each_task(make_cfg, tmp_path, fashion_mnist):
+    cfg = make_cfg(*SMALL_MIX, "task.tasks=[fmnist_b,digits]", "patch=bn", "trainer.max_epochs=2", "logger=csv")
+    train(cfg)
+    (metrics_csv,) = (tmp_path / "run").rglob("metrics.csv")
+    rows = list(csv.DictReader(metrics_csv.open()))
+    for task in ("fmnist_b", "digits"):
+        for key in (f"train/{task}/loss", f"train/{task}/acc"):
+            values = [float(r[key]) for r in rows if r.get(key)]
+            assert len(values) == 2, key  # one per epoch
+            assert all(v >= 0 for v in values) and (key.endswith("loss") or all(v <= 1 for v in values))
+    assert not any(r.get("train/loss") for r in rows)  # 3 steps < log_every_n_steps and no progress bar

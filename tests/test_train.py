@@ -135,3 +135,9 @@ def test_cached_features_train_the_head_like_images(make_cfg):
 def test_caching_refuses_a_backbone_that_trains(make_cfg):
     with pytest.raises(ValueError, match=r"only for a fixed backbone.*patch=bn"):
         build(make_cfg(*DIGITS, "patch=bn", "data.cache_features=true"))
+
+
+def test_callbacks_none_writes_no_checkpoint(make_cfg, tmp_path):
+    metrics, objects = train(make_cfg("task=digits", "task.train_size=64", "callbacks=none"))
+    assert objects["trainer"].checkpoint_callback is None and "test/acc" in metrics
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

@@ -129,3 +129,41 @@ class CheckSweepChoices(Callback):
             check_group_choices(overrides)
         except ConfigCompositionException as err:
             raise SweepChoiceError(f"Error: {err}") from err
+
+
+CONCURRENT_JOBS_ENV = "MODELPATCH_CONCURRENT_JOBS"
+
+
+def count_sweep_jobs(overrides: list[str]) -> int:
+    """How many jobs the basic sweeper makes of these command-line overrides (``patch=bn,dw seed=0,1``: 4)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+    return len(BasicSweeper.split_arguments(parsed, max_batch_size=None)[0])
+
+
+def threads_per_job(threads: int | None, cores: int | None = None) -> int | None:
+    """Torch intra-op threads for this run: ``threads`` when set; else, in a job of a multirun that
+    starts all its jobs at once on this machine (``hydra/launcher=local``), the cores shared among
+    them; else ``None`` (torch's default, one thread per core)."""
+    if threads:
+        return int(threads)
+    jobs = int(os.environ.get(CONCURRENT_JOBS_ENV, "0"))
+    if jobs <= 1 or os.environ.get("SUBMITIT_EXECUTOR") != "local":
+        return None
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, cores // jobs)
+
+
+class ShareCoresAmongLocalJobs(Callback):
+    """``hydra.callbacks``: tell the jobs of a ``hydra/launcher=local`` multirun how many of them run at
+    once, so each uses its share of the cores (``threads_per_job``). Torch's default of one thread per
+    core in every job oversubscribes the cores: a step was up to 11x slower (docs/benchmarks.md)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not str(config.hydra.launcher.get("_target_", "")).endswith("LocalLauncher"):
+            return
+        if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
+            return
+        overrides = OmegaConf.to_container(config.hydra.overrides, resolve=False)["task"]
+        os.environ[CONCURRENT_JOBS_ENV] = str(count_sweep_jobs(overrides))  # submitit's jobs inherit it

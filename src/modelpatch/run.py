@@ -18,11 +18,12 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from modelpatch.backbones import PRETRAINED, build_backbone, list_backbones
-from modelpatch.launch import cluster_trainer_kwargs
+from modelpatch.launch import cluster_trainer_kwargs, threads_per_job
 from modelpatch.module import OptimConfig, PatchModule, TaskHead, load_tasks_from_checkpoint
 from modelpatch.patches import parse_kind, resolve_patch
 from modelpatch.report import RESULTS_FILE
@@ -226,6 +227,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         The logged metrics (floats) and the built objects.
     """
     start = time.time()
+    threads = threads_per_job(cfg.get("threads"))
+    if threads:
+        torch.set_num_threads(threads)
     L.seed_everything(cfg.seed, workers=True)
     datamodule, model = build(cfg)
     log.info(describe_params(model))
@@ -233,10 +237,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_dict(cfg.get("logger"))
     log.info(
         f"trainer: {cfg.trainer._target_}; callbacks: {[type(c).__name__ for c in callbacks]}; "
-        f"loggers: {[type(lg).__name__ for lg in loggers]}"
+        f"loggers: {[type(lg).__name__ for lg in loggers]}; torch threads: {torch.get_num_threads()}"
     )
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, **cluster_trainer_kwargs()
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        # without a ModelCheckpoint in `callbacks`, Lightning would add its own and write checkpoints anyway
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        **cluster_trainer_kwargs(),
     )
     setup_wandb(loggers, model.task_names)
     if loggers:
@@ -330,7 +339,10 @@ def get_metric_value(metrics: dict[str, float], name: str | None) -> float | Non
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}")
+        raise ConfigError(
+            f"optimized_metric {name!r} was not logged; logged metrics: {', '.join(sorted(metrics))} "
+            "(a run that does not validate, e.g. trainer.limit_val_batches=0, needs optimized_metric=null)"
+        )
     value = metrics[name]
     log.info(f"{name} = {value:.4f}")
     return value
