@@ -43,11 +43,11 @@ def test_train_export_then_eval_in_a_fresh_process_gives_the_same_accuracy(make_
     assert evaluated["test_acc"] == evaluated["trained_test_acc"] == results["tasks"]["digits"]["test_acc"]
 
 
-def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4))) -> PatchModule:
+def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str = "task") -> PatchModule:
     torch.manual_seed(0)
     backbone = build_backbone("mobilenet_v2", width=0.25)
     heads = [TaskHead(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": 32}) for n, k in tasks]
-    model = PatchModule(backbone, resolve_patch(backbone, kind), heads)
+    model = PatchModule(backbone, resolve_patch(backbone, kind, norm_stats=norm_stats), heads)
     with torch.no_grad():  # make every task's patch and statistics differ
         for name in model.task_names:
             for p in model.model.patches[name].parameters():
@@ -58,9 +58,11 @@ def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4))) -> PatchModule:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["bn", "bn+dw", "logits"])
-def test_mixed_task_batch_equals_per_task_passes(kind, tmp_path):
+@pytest.mark.parametrize(("kind", "vectorized"), [("bn", False), ("bn+dw", False), ("logits", False), ("full", True)])
+def test_mixed_task_batch_equals_per_task_passes(kind, vectorized, tmp_path):
     model = tiny_model(kind)
+    # bn and dw tensors run in the per-sample twin of the backbone; others through vmap
+    assert (model.model._mixed_twin() is None) == vectorized
     images = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
     tasks = ["a", "b", "c", "b", "a", "c", "c", "b", "a", "a", "b", "c"]
     export_patches(model, tmp_path)
@@ -149,3 +151,17 @@ def test_storage_summary_and_cli(tmp_path):
     assert json.loads(info.stdout)["task"] == "b"
     bad = subprocess.run([*cli, "info", str(tmp_path / "missing.safetensors")], capture_output=True, text=True)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_mixed_batches_follow_the_model_to_another_dtype():
+    model = tiny_model("bn+dw", norm_stats="frozen")  # shared statistics: the backbone's buffers
+    images = torch.randint(0, 256, (6, 1, 32, 32), dtype=torch.uint8)
+    tasks = ["a", "b", "c", "c", "b", "a"]
+    with torch.no_grad():
+        model.forward_mixed(images, tasks)  # builds the twin in float32
+        model.double()
+        mixed = model.forward_mixed(images, tasks)
+        assert mixed.dtype == torch.float64
+        for i, task in enumerate(tasks):
+            k = model.tasks[task].num_classes
+            torch.testing.assert_close(mixed[i, :k], model(images[i : i + 1], task)[0], rtol=1e-9, atol=1e-10)

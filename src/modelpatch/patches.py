@@ -8,10 +8,12 @@ statistics, when tasks own them), and runs the backbone with the active task's c
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -218,10 +220,12 @@ class PatchedBackbone(nn.Module):
     def forward_mixed(self, x: torch.Tensor, task_index: torch.Tensor, tasks: list[str]) -> torch.Tensor:
         """One pass over a batch whose samples belong to different tasks (inference only).
 
-        Sample ``i`` uses the patch of ``tasks[task_index[i]]``: each patched tensor is gathered
-        per sample and the backbone is vectorized over samples (``torch.func.vmap``), so BatchNorm
-        gets per-sample scale, bias and statistics and depthwise convolutions become one grouped
-        convolution.
+        Sample ``i`` uses the patch of ``tasks[task_index[i]]``. When the patch holds only
+        BatchNorm and depthwise-convolution tensors (``bn``, ``dw``, statistics), a twin of the
+        backbone runs in which each patched BatchNorm is a per-sample scale and shift (computed
+        once per task, then gathered) and each patched depthwise convolution one grouped
+        convolution over all samples' channels. Any other patch runs the backbone vectorized over
+        samples (``torch.func.vmap``), several times slower.
         """
         if self.training:
             raise RuntimeError("mixed-task batches are for inference: call .eval() first")
@@ -229,12 +233,30 @@ class PatchedBackbone(nn.Module):
         per_task = [self.patches[t].tensors() for t in tasks]
         if not per_task[0]:
             return self.backbone(x)
-        per_sample = {name: torch.stack([p[name] for p in per_task])[task_index] for name in per_task[0]}
+        stacked = {name: torch.stack([p[name] for p in per_task]) for name in per_task[0]}
+        twin = self._mixed_twin()
+        if twin is not None:
+            return functional_call(twin, _twin_tensors(twin, stacked, task_index), (x,), strict=False)
 
         def one(tensors: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
             return functional_call(self.backbone, tensors, (sample.unsqueeze(0),), strict=False).squeeze(0)
 
-        return vmap(one)(per_sample, x)
+        return vmap(one)({name: t.index_select(0, task_index) for name, t in stacked.items()}, x)
+
+    def _mixed_twin(self) -> nn.Module | None:
+        """The backbone with its patched layers replaced by per-sample ones, or ``None`` if the patch
+        holds tensors of layers that have no per-sample version (built once; shares all else)."""
+        if "_twin" not in self.__dict__:
+            modules = dict(self.backbone.named_modules())
+            owners = {name.rpartition(".")[0] for name in (*self.patch.params, *self.patch.buffers)}
+            fits = all(_mixable(modules[owner]) for owner in owners)
+            # in a list: the twin is not a submodule (no state dict entries, no .to() of its own)
+            self._twin = [_twin_of(self.backbone, owners) if fits else None]
+        return self._twin[0]
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_twin", None)  # .to(), .half(), ... make new buffers: the twin must see them
+        return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> PatchedBackbone:
         super().train(mode)
@@ -251,3 +273,97 @@ class PatchedBackbone(nn.Module):
         """Backbone parameters used by every task as they are (not shadowed by a patch)."""
         patched = set(self.patch.params)
         return [p for n, p in self.backbone.named_parameters() if n not in patched]
+
+
+def _mixable(module: nn.Module) -> bool:
+    """Layers that have a per-sample version for ``forward_mixed``."""
+    if isinstance(module, nn.BatchNorm2d):
+        return module.track_running_stats and module.running_mean is not None
+    return is_depthwise(module) and module.padding_mode == "zeros"
+
+
+def _twin_of(module: nn.Module, owners: set[str], prefix: str = "") -> nn.Module:
+    """A copy of the module tree in which the layers named in ``owners`` are per-sample versions;
+    subtrees without one are the original modules, shared."""
+    if prefix in owners:
+        return MixedBatchNorm(module) if isinstance(module, nn.BatchNorm2d) else MixedDepthwiseConv(module)
+    children = {name: _twin_of(child, owners, f"{prefix}.{name}" if prefix else name)
+                for name, child in module.named_children()}  # fmt: skip
+    if all(children[name] is child for name, child in module.named_children()):
+        return module
+    twin = copy.copy(module)
+    twin.__dict__.update(
+        _modules=children, _parameters=dict(module._parameters), _buffers=dict(module._buffers)
+    )  # own dicts: functional_call swaps tensors in the twin's, never in the original's
+    return twin
+
+
+def _twin_tensors(
+    twin: nn.Module, stacked: dict[str, torch.Tensor], task_index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The tensors each per-sample layer of ``twin`` needs for this batch, from each task's patch
+    tensors (``stacked``: name -> ``[K, ...]``) and the shared ones it does not patch."""
+    out = {}
+    for owner, layer in twin.named_modules():
+        if isinstance(layer, MixedBatchNorm):
+            bn = layer.source[0]
+
+            def get(attr: str, owner=owner, bn=bn) -> torch.Tensor | None:
+                return stacked.get(f"{owner}.{attr}", getattr(bn, attr))
+
+            scale = torch.rsqrt(get("running_var") + bn.eps)
+            if bn.weight is not None:
+                scale = get("weight") * scale
+            shift = -get("running_mean") * scale
+            if bn.bias is not None:
+                shift = shift + get("bias")
+            out[f"{owner}.scale"], out[f"{owner}.shift"] = (
+                scale.index_select(0, task_index),
+                shift.index_select(0, task_index),
+            )
+        elif isinstance(layer, MixedDepthwiseConv):
+            for attr in ("weight", "bias"):
+                if f"{owner}.{attr}" in stacked:
+                    out[f"{owner}.{attr}"] = stacked[f"{owner}.{attr}"].index_select(0, task_index)
+    return out
+
+
+def _per_sample(t: torch.Tensor) -> torch.Tensor:
+    """``[C]`` (shared) or ``[N, C]`` (per sample) -> broadcastable over ``[N, C, H, W]``."""
+    return t.view(t.shape[0] if t.dim() == 2 else 1, -1, 1, 1)
+
+
+class MixedBatchNorm(nn.Module):
+    """Eval-mode ``BatchNorm2d`` as a per-sample ``x * scale + shift`` (``[N, C]`` each, one row per
+    sample, supplied through ``functional_call``; ``_twin_tensors`` computes them)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.source = [bn]  # in a list: not a submodule
+        self.register_buffer("scale", torch.empty(0), persistent=False)
+        self.register_buffer("shift", torch.empty(0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(_per_sample(self.shift), x, _per_sample(self.scale))
+
+
+class MixedDepthwiseConv(nn.Module):
+    """A depthwise ``Conv2d`` whose kernel ``[N, C, 1, kh, kw]`` and bias ``[N, C]`` may be per sample:
+    one grouped convolution over the channels of all samples."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.weight, self.bias = conv.weight, conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dim() == 5:
+            n, c, h, w = x.shape
+            out = F.conv2d(
+                x.reshape(1, n * c, h, w), self.weight.flatten(0, 1), None, self.stride, self.padding,
+                self.dilation, n * self.groups,
+            )  # fmt: skip
+            out = out.view(n, -1, *out.shape[2:])
+        else:
+            out = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return out if self.bias is None else out + _per_sample(self.bias)
