@@ -141,3 +141,16 @@ def test_callbacks_none_writes_no_checkpoint(make_cfg, tmp_path):
     metrics, objects = train(make_cfg("task=digits", "task.train_size=64", "callbacks=none"))
     assert objects["trainer"].checkpoint_callback is None and "test/acc" in metrics
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+def test_channels_last_is_the_default_and_computes_the_same(make_cfg):
+    _, model = build(make_cfg("task=digits", "task.train_size=64"))
+    _, plain = build(make_cfg("task=digits", "task.train_size=64", "channels_last=false", out="plain"))
+    plain.load_state_dict(model.state_dict())
+    conv = next(m for m in model.model.backbone.modules() if isinstance(m, torch.nn.Conv2d)).weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
+    assert model.prepare(images).is_contiguous(memory_format=torch.channels_last)
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(images, "digits"), plain(images, "digits"), rtol=1e-4, atol=1e-5)

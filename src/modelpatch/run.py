@@ -183,6 +183,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         train_shared=cfg.patch.train_shared,
         mixing=cfg.task.get("mixing", "all"),
         mix_seed=cfg.seed,
+        channels_last=cfg.get("channels_last", False),
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
     if init is not None:
@@ -361,7 +362,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     base = cfg.get("base")
     if base is not None and base not in PRETRAINED:
         base = hydra.utils.to_absolute_path(str(base))
-    model = load_patched_model(files, base=base)
+    model = load_patched_model(files, base=base, channels_last=cfg.get("channels_last", False))
     data_options = OmegaConf.to_container(cfg.data, resolve=True)
     catalog = {t: h.spec for t, h in model.tasks.items()}
     specs = task_specs({"tasks": model.task_names, "catalog": catalog}, data_options)

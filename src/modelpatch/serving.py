@@ -196,12 +196,15 @@ def resolve_base(pf: PatchFile, base: str | None) -> str | None:
     return source
 
 
-def load_patched_model(files: Sequence[str | Path], *, base: str | None = None) -> PatchModule:
+def load_patched_model(
+    files: Sequence[str | Path], *, base: str | None = None, channels_last: bool = False
+) -> PatchModule:
     """One backbone + K patch files -> a model that serves each file's task by name.
 
     Args:
         files: patch files, all made on the same base with the same patch kind.
         base: base weights (``imagenet``, a path); default: the ones the files were made on.
+        channels_last: run channels-last (see ``PatchModule``).
     """
     pfs = [read_patch_file(f) for f in files]
     if not pfs:
@@ -225,7 +228,9 @@ def load_patched_model(files: Sequence[str | Path], *, base: str | None = None) 
         check_fits(backbone, pf)
     patch = resolve_patch(backbone, first.meta["patch"], norm_stats=first.meta["norm_stats"], model_name=backbone.name)
     heads = [TaskHead(pf.task, pf.meta["num_classes"], pf.meta["classes"], spec=pf.meta["task_spec"]) for pf in pfs]
-    model = PatchModule(backbone, patch, heads, mean=first.meta["mean"], std=first.meta["std"])
+    model = PatchModule(
+        backbone, patch, heads, mean=first.meta["mean"], std=first.meta["std"], channels_last=channels_last
+    )
     for pf in pfs:
         apply_patch_file(model, pf)
     return model.eval()
