@@ -148,7 +148,7 @@ def main() -> None:
         ["  process start to `Trainer.fit` start (imports, Hydra, data, model)", med("to_fit"), ""],
         ["  process start to end of the first training step", med("to_first_step_end"), ""],
         ["  the first training step itself", med("first_step"), ""],
-        ["  end of the first step to the end of `Trainer.fit` (teardown, Lightning's default checkpoint)",
+        ["  end of the first step to the end of `Trainer.fit` (teardown)",
          med("rest_of_fit"), ""],
         ["  end of fit to `atexit` (results.json, Hydra job end)", med("after_fit"), ""],
         ["  interpreter shutdown after `atexit` (module teardown, final garbage collection)", med("shutdown"), ""],

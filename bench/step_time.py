@@ -41,23 +41,36 @@ from modelpatch.patches import PatchError, resolve_patch
 # Patch kinds as the platform trains them (norm_stats="task", except "logits": "frozen"), and, to
 # show what re-estimating BatchNorm statistics costs, "bn" with frozen statistics ("bn@frozen").
 KINDS = ("full", "bn", "dw", "bn+dw", "bias", "logits", "bn@frozen")
-CONFIGS = (("mobilenet_v2", 32), ("mobilenet_v2", 64), ("resnet18", 32), ("efficientnet_b0", 32))
+# (backbone, input size, channels-last): the platform's default layout is channels-last (NHWC); the
+# target is also measured in the plain NCHW layout, where the reference ratio was taken.
+CONFIGS = (
+    ("mobilenet_v2", 32, True),
+    ("mobilenet_v2", 32, False),
+    ("mobilenet_v2", 64, True),
+    ("resnet18", 32, True),
+    ("efficientnet_b0", 32, True),
+)
 BATCH = 128
 TARGET_RATIO = 0.5  # bn step <= 0.5 x full step, mobilenet_v2 at 32x32, batch 128 (CPU)
 # Timed rounds (one step per kind each): most where the target is measured, fewest where steps are slowest.
 ROUNDS = {("mobilenet_v2", 32): 9, ("mobilenet_v2", 64): 3, ("resnet18", 32): 5, ("efficientnet_b0", 32): 3}
 
 
+def layout(channels_last: bool) -> str:
+    return "channels-last" if channels_last else "NCHW"
+
+
 class Case:
     """One model (backbone + patch kind) with its optimizer and a fixed batch."""
 
-    def __init__(self, name: str, kind: str, size: int, device: str):
+    def __init__(self, name: str, kind: str, size: int, device: str, channels_last: bool = True):
         torch.manual_seed(0)
         backbone = build_backbone(name)
         kind, _, stats = kind.partition("@")
         stats = stats or ("frozen" if kind == "logits" else "task")
         patch = resolve_patch(backbone, kind, norm_stats=stats, model_name=name)
-        self.model = PatchModule(backbone, patch, [TaskHead("t", 10)]).to(device).train()
+        model = PatchModule(backbone, patch, [TaskHead("t", 10)], channels_last=channels_last)
+        self.model = model.to(device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
         gen = torch.Generator().manual_seed(1)
@@ -158,12 +171,14 @@ def threads_check(device: str, pairs: int) -> str:
     return md_table(header, rows, align="lllr")
 
 
-def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> tuple[list[dict], dict]:
+def run_config(
+    name: str, size: int, channels_last: bool, device: str, rounds: int, warmup: int
+) -> tuple[list[dict], dict]:
     cases: dict[str, Case] = {}
     results: list[dict] = []
     for kind in KINDS:
         try:
-            cases[kind] = Case(name, kind, size, device)
+            cases[kind] = Case(name, kind, size, device, channels_last)
         except PatchError as err:
             results.append({"kind": kind, "na": str(err).split(": ", 1)[1].split(";")[0]})
     memory = {}
@@ -176,7 +191,8 @@ def run_config(name: str, size: int, device: str, rounds: int, warmup: int) -> t
         for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
             cases[kind].times.append(cases[kind].timed_step())
         done = ", ".join(f"{k} {1000 * median(c.times):.0f}" for k, c in cases.items())
-        print(f"[step_time] {name} {size}px round {r + 1}/{rounds}: median ms {done}", file=sys.stderr, flush=True)
+        where = f"{name} {size}px {layout(channels_last)}"
+        print(f"[step_time] {where} round {r + 1}/{rounds}: median ms {done}", file=sys.stderr, flush=True)
     full_times = cases["full"].times
     for kind, case in cases.items():
         results.append(
@@ -237,23 +253,27 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="timed steps per kind (default: ROUNDS; --quick 2)")
     parser.add_argument("--only", nargs="*", default=None, help="configs to run, e.g. mobilenet_v2:32")
     args = parser.parse_args()
-    configs = [(n, s) for n, s in CONFIGS if args.only is None or f"{n}:{s}" in args.only]
+    configs = [(n, s, cl) for n, s, cl in CONFIGS if args.only is None or f"{n}:{s}" in args.only]
     device = check_device(args.device)
     apply_threads(args)
     warmup = 1
     info = machine_info(device)
     load_note = wait_for_quiet(max_wait=args.max_wait)
     print(f"[step_time] {load_note}", file=sys.stderr)
-    blocks, target = [], None
+    blocks, ratios = [], {}
     with CpuMonitor() as monitor:
-        for name, size in configs:
+        for name, size, channels_last in configs:
             rounds = args.rounds or (2 if args.quick else ROUNDS[(name, size)])
-            results, profiles = run_config(name, size, device, rounds, warmup)
-            title = f"### `{name}` (width 1.0), {size}x{size}, batch {BATCH}"
+            results, profiles = run_config(name, size, channels_last, device, rounds, warmup)
+            title = f"### `{name}` (width 1.0), {size}x{size}, batch {BATCH}, {layout(channels_last)}"
             note = f"{rounds} timed rounds."
             blocks.append(f"{title}\n\n{table(results, device != 'cpu')}\n\n{note}")
             if profiles:
-                lines = [f"Top ops by self CPU time in one profiled step (torch.profiler, {name} {size}x{size}):", ""]
+                lines = [
+                    f"Top ops by self CPU time in one profiled step (torch.profiler, {name} {size}x{size}, "
+                    f"{layout(channels_last)}):",
+                    "",
+                ]
                 prof_rows = [
                     [
                         f"`{k}`",
@@ -267,20 +287,14 @@ def main() -> None:
             if (name, size) == ("mobilenet_v2", 32):
                 bn = next(r for r in results if r["kind"] == "bn")
                 full = next(r for r in results if r["kind"] == "full")
-                measured = (
-                    f"{bn['ratio']:.2f} (median of paired ratios; medians {bn['ms']:,.0f} ms vs {full['ms']:,.0f} ms "
-                    f"= {bn['ms'] / full['ms']:.2f})"
-                )
-                target = (
-                    f"`bn` step <= {TARGET_RATIO} x `full` (mobilenet_v2, 32x32, batch {BATCH}, {device})",
-                    measured,
-                    bn["ratio"] <= TARGET_RATIO,
-                )
+                ratios[channels_last] = (bn, full)
     intro = (
         f"Each step: forward + cross-entropy + backward + SGD (momentum 0.9) step on uint8 input "
         f"[{BATCH}, 3, S, S], model built as the platform does (`build_backbone(name)`, "
-        f"`resolve_patch(..., norm_stats='frozen' if logits else 'task')`, `PatchModule(..., [TaskHead('t', 10)])`), "
-        f"random init; `bn` (`norm_stats=frozen`) is the `bn` patch with BatchNorm statistics kept as loaded "
+        f"`resolve_patch(..., norm_stats='frozen' if logits else 'task')`, "
+        f"`PatchModule(..., [TaskHead('t', 10)], channels_last=...)`), random init, in the platform's default "
+        f"channels-last layout (`channels_last: true`: convolution weights and inputs NHWC) unless the table "
+        f"says NCHW; `bn` (`norm_stats=frozen`) is the `bn` patch with BatchNorm statistics kept as loaded "
         f"(layers in eval mode), for comparison with `bn` as the platform trains it (each task re-estimates them). "
         f"The kinds of one table are timed interleaved in one process: {warmup} warm-up step and "
         f"the memory step (below) per kind, then rounds of one step per kind (rotating order). *Step ms*: median "
@@ -303,6 +317,19 @@ def main() -> None:
             f"({pairs} pairs, measured after the tables above; "
             f"{thread_monitor.describe()}). With other processes on the cores, OpenMP threads that wait for each "
             f"other at every op's barrier can make more threads far slower than one.\n\n{check}"
+        )
+    target = None
+    if ratios:
+        measured = "; ".join(
+            f"{layout(cl)}{' (default)' if cl else ''} {bn['ratio']:.2f} ({bn['ms']:,.0f} vs {full['ms']:,.0f} ms)"
+            for cl, (bn, full) in sorted(ratios.items(), reverse=True)
+        )
+        # judged in the platform's default layout when it was measured
+        judged = ratios.get(True) or ratios[False]
+        target = (
+            f"`bn` step <= {TARGET_RATIO} x `full` (mobilenet_v2, 32x32, batch {BATCH}, {device}, same layout)",
+            measured,
+            judged[0]["ratio"] <= TARGET_RATIO,
         )
     header = section_header("step-time", "Training step time and memory per patch", info, load_note, monitor)
     content = "\n\n".join([header, intro, *blocks])

@@ -665,8 +665,8 @@ class InMemoryDataset(Dataset):
 
     def __getitems__(self, indices: list[int]):
         idx = torch.as_tensor(indices)
-        images = self.split.images[idx]
-        return augment_batch(images) if self.augment else images, self.split.labels[idx]
+        images = self.split.images.index_select(0, idx)  # several times faster than images[idx]
+        return augment_batch(images) if self.augment else images, self.split.labels.index_select(0, idx)
 
 
 def _as_batch(batch):
