@@ -147,25 +147,10 @@ def should_write(args: argparse.Namespace) -> bool:
 
 
 def compose_cfg(overrides: list[str], out_dir: Path, data_dir: Path):
-    """Compose conf/train.yaml as train.py would (as tests/conftest.py does), outputs in ``out_dir``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
+    """Compose conf/train.yaml as train.py would, outputs in ``out_dir``."""
+    from modelpatch.run import compose_run_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-        cfg.paths.log_dir = str(out_dir)
-        cfg.paths.data_dir = str(data_dir)
-        cfg.paths.root_dir = str(ROOT)
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.hydra.runtime.cwd = str(ROOT)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
+    return compose_run_config(overrides, out_dir, data_dir)
 
 
 def trainer_overrides(device: str) -> list[str]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from modelpatch.run import compose_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -33,20 +33,8 @@ TINY = [
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path) -> DictConfig:
-    """Compose conf/train.yaml as train.py would, with outputs under ``tmp_path``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*TINY, *overrides], return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.paths.log_dir = str(tmp_path)
-        cfg.paths.data_dir = str(data_dir)
-        cfg.paths.root_dir = str(ROOT)
-        cfg.hydra.runtime.output_dir = str(tmp_path)
-        cfg.hydra.runtime.cwd = str(ROOT)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
+    """Compose conf/train.yaml as train.py would, shrunk by TINY, with outputs under ``tmp_path``."""
+    return compose_run_config([*TINY, *overrides], tmp_path, data_dir, config_dir=CONF)
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from modelpatch.backbones import Backbone
+from modelpatch.backbones import CKPT_PATCHES, Backbone
 from modelpatch.patches import Patch, PatchedBackbone
 from modelpatch.tasks import TaskDataModule, check_task_names
 
@@ -461,11 +461,11 @@ def load_tasks_from_checkpoint(model: PatchModule, state: Mapping[str, torch.Ten
     """
     expected = model.state_dict()
     loaded_tasks = sorted(
-        {k.split(".")[2] for k in state if k.startswith("model.patches.")}
+        {k.removeprefix(CKPT_PATCHES).split(".")[0] for k in state if k.startswith(CKPT_PATCHES)}
         | {k.split(".")[1] for k in state if k.startswith("heads.")}
     )
     new_tasks = [t for t in model.task_names if t not in loaded_tasks]
-    fresh = tuple(f"model.patches.{t}." for t in new_tasks) + tuple(f"heads.{t}." for t in new_tasks)
+    fresh = tuple(f"{CKPT_PATCHES}{t}." for t in new_tasks) + tuple(f"heads.{t}." for t in new_tasks)
     missing = sorted(k for k in expected if k not in state and not k.startswith(fresh))
     unexpected = sorted(k for k in state if k not in expected)
     wrong = sorted(

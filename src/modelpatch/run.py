@@ -38,6 +38,31 @@ class ConfigError(ValueError):
     """The composed config asks for something that cannot be built."""
 
 
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose_run_config(
+    overrides: list[str], output_dir: str | Path, data_dir: str | Path | None = None, *, config_dir: Path = CONFIG_DIR
+) -> DictConfig:
+    """Compose ``conf/train.yaml`` as ``train.py`` would, for a run in this process (tests, benchmarks,
+    notebooks): outputs go to ``output_dir``, and Hydra's runtime config is set, as in a job."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = cfg.paths.log_dir = cfg.hydra.runtime.output_dir = str(output_dir)
+        if data_dir is not None:
+            cfg.paths.data_dir = str(data_dir)
+        cfg.paths.root_dir = cfg.hydra.runtime.cwd = str(config_dir.parent)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Log a failure to the run's log and re-raise; always print the output dir and close W&B."""
 
