@@ -105,6 +105,7 @@ def plot(table: list[dict], path: Path) -> None:
         front = pareto_front([(r["params_task"], r["test_acc"]) for r in sub])
         ax.plot(*zip(*front, strict=True), "--", color="grey", lw=1, label="Pareto front", zorder=2)
         ax.set_xscale("log")
+        ax.margins(x=0.12, y=0.08)  # room for the labels of the outermost points
         ax.set_xlabel("parameters the task adds (patch + head)")
         ax.set_ylabel("test accuracy")
         ax.set_title(task)
