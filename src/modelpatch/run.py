@@ -278,7 +278,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
 
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
+        with warnings.catch_warnings():
+            # frozen normalization layers (norm_stats=frozen, a fixed backbone) are in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
     metrics = _floats(trainer.callback_metrics)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
