@@ -8,6 +8,7 @@ from modelpatch.launch import CONCURRENT_JOBS_ENV, count_sweep_jobs, threads_per
 def test_count_sweep_jobs_multiplies_the_swept_values():
     assert count_sweep_jobs(["patch=bn,dw,full", "seed=0,1", "task=digits"]) == 6
     assert count_sweep_jobs(["task=digits"]) == 1
+    assert count_sweep_jobs(["patch=bn,dw,full", "seed=0,1"], max_batch_size=4) == 4  # the first batch
 
 
 @pytest.mark.parametrize(

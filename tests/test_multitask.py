@@ -169,3 +169,17 @@ def test_training_metrics_are_logged_once_per_epoch_for_each_task(make_cfg, tmp_
             assert len(values) == 2, key  # one per epoch
             assert all(v >= 0 for v in values) and (key.endswith("loss") or all(v <= 1 for v in values))
     assert not any(r.get("train/loss") for r in rows)  # 3 steps < log_every_n_steps and no progress bar
+
+
+@pytest.mark.parametrize(
+    ("bar", "every", "logged"), [(False, 10, [9, 19]), (False, 0, []), (True, 10, list(range(25)))]
+)
+def test_step_loss_is_logged_on_the_steps_loggers_write(make_cfg, bar, every, logged):
+    """Lightning writes logs when (optimizer steps + 1) % log_every_n_steps == 0, across epochs."""
+    _, model = build(make_cfg("task=digits", "task.train_size=64"))
+    steps = []
+    for step in range(25):
+        model._trainer = SimpleNamespace(global_step=step, log_every_n_steps=every, progress_bar_callback=bar or None)
+        if model._log_step_loss():
+            steps.append(step)
+    assert steps == logged

@@ -46,6 +46,10 @@ def test_train_export_then_eval_in_a_fresh_process_gives_the_same_accuracy(make_
 def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str = "task") -> PatchModule:
     torch.manual_seed(0)
     backbone = build_backbone("mobilenet_v2", width=0.25)
+    with torch.no_grad():  # shared statistics and scales that differ per channel, as a trained model's
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
     heads = [TaskHead(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": 32}) for n, k in tasks]
     model = PatchModule(backbone, resolve_patch(backbone, kind, norm_stats=norm_stats), heads)
     with torch.no_grad():  # make every task's patch and statistics differ
@@ -58,9 +62,19 @@ def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str 
     return model.eval()
 
 
-@pytest.mark.parametrize(("kind", "vectorized"), [("bn", False), ("bn+dw", False), ("logits", False), ("full", True)])
-def test_mixed_task_batch_equals_per_task_passes(kind, vectorized, tmp_path):
-    model = tiny_model(kind)
+@pytest.mark.parametrize(
+    ("kind", "norm_stats", "vectorized"),
+    [
+        ("bn", "task", False),
+        ("bn+dw", "task", False),
+        ("logits", "task", False),
+        ("bias", "frozen", False),  # per-task BatchNorm bias, shared scale and statistics
+        ("dw", "frozen", False),
+        ("full", "task", True),
+    ],
+)
+def test_mixed_task_batch_equals_per_task_passes(kind, norm_stats, vectorized, tmp_path):
+    model = tiny_model(kind, norm_stats=norm_stats)
     # bn and dw tensors run in the per-sample twin of the backbone; others through vmap
     assert (model.model._mixed_twin() is None) == vectorized
     images = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
@@ -165,3 +179,14 @@ def test_mixed_batches_follow_the_model_to_another_dtype():
         for i, task in enumerate(tasks):
             k = model.tasks[task].num_classes
             torch.testing.assert_close(mixed[i, :k], model(images[i : i + 1], task)[0], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_served_model_runs_in_the_layout_it_was_trained_in(tmp_path, channels_last):
+    model = tiny_model("bn")
+    model.channels_last = channels_last  # as PatchModule(..., channels_last=...) records it
+    export_patches(model, tmp_path)
+    assert read_patch_file(tmp_path / "a.safetensors").meta["channels_last"] is channels_last
+    files = sorted(tmp_path.glob("[abc].safetensors"))
+    assert load_patched_model(files).channels_last is channels_last
+    assert load_patched_model(files, channels_last=not channels_last).channels_last is not channels_last

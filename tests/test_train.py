@@ -151,6 +151,7 @@ def test_channels_last_is_the_default_and_computes_the_same(make_cfg):
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     images = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
     assert model.prepare(images).is_contiguous(memory_format=torch.channels_last)
-    model.eval(), plain.eval()
+    model.eval()
+    plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(images, "digits"), plain(images, "digits"), rtol=1e-4, atol=1e-5)

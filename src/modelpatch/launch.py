@@ -134,12 +134,13 @@ class CheckSweepChoices(Callback):
 CONCURRENT_JOBS_ENV = "MODELPATCH_CONCURRENT_JOBS"
 
 
-def count_sweep_jobs(overrides: list[str]) -> int:
-    """How many jobs the basic sweeper makes of these command-line overrides (``patch=bn,dw seed=0,1``: 4)."""
+def count_sweep_jobs(overrides: list[str], max_batch_size: int | None = None) -> int:
+    """How many jobs the basic sweeper launches at once for these overrides (``patch=bn,dw seed=0,1``: 4;
+    at most ``max_batch_size``, its batch size)."""
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     parsed = OverridesParser.create().parse_overrides(overrides=overrides)
-    return len(BasicSweeper.split_arguments(parsed, max_batch_size=None)[0])
+    return len(BasicSweeper.split_arguments(parsed, max_batch_size=max_batch_size)[0])
 
 
 def threads_per_job(threads: int | None, cores: int | None = None) -> int | None:
@@ -151,7 +152,9 @@ def threads_per_job(threads: int | None, cores: int | None = None) -> int | None
     jobs = int(os.environ.get(CONCURRENT_JOBS_ENV, "0"))
     if jobs <= 1 or os.environ.get("SUBMITIT_EXECUTOR") != "local":
         return None
-    cores = cores or len(os.sched_getaffinity(0))
+    if cores is None:
+        affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere all the cores
+        cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     return max(1, cores // jobs)
 
 
@@ -165,5 +168,9 @@ class ShareCoresAmongLocalJobs(Callback):
             return
         if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
             return
-        overrides = OmegaConf.to_container(config.hydra.overrides, resolve=False)["task"]
-        os.environ[CONCURRENT_JOBS_ENV] = str(count_sweep_jobs(overrides))  # submitit's jobs inherit it
+        sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+        swept = {key: f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()}
+        for override in OmegaConf.to_container(config.hydra.overrides, resolve=False)["task"]:
+            swept[override.split("=", 1)[0].lstrip("+~")] = override  # the command line wins, as in Hydra
+        jobs = count_sweep_jobs(list(swept.values()), sweeper.get("max_batch_size"))
+        os.environ[CONCURRENT_JOBS_ENV] = str(jobs)  # submitit's jobs inherit it

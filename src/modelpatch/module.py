@@ -336,24 +336,27 @@ class PatchModule(L.LightningModule):
             loss = F.cross_entropy(logits, labels, label_smoothing=self.optim.label_smoothing)
             total = total + self.tasks[task].loss_weight * self.loss_scale(task) * loss
             self.train_stats.update(loss, logits.argmax(-1), labels, self.task_names.index(task))
-        if self._log_step_loss(batch_idx):
+        if self._log_step_loss():
             self.log("train/loss", total, prog_bar=True, batch_size=1)
         return total
 
-    def _log_step_loss(self, batch_idx: int) -> bool:
-        """Per-step loss for the progress bar when there is one, else only on the steps loggers write."""
-        trainer = self.trainer
-        return trainer.progress_bar_callback is not None or (batch_idx + 1) % max(trainer.log_every_n_steps, 1) == 0
+    def _log_step_loss(self) -> bool:
+        """Per-step loss for the progress bar when there is one, else only on the steps loggers write
+        (Lightning writes when the count of optimizer steps + 1 is a multiple of ``log_every_n_steps``)."""
+        every = self.trainer.log_every_n_steps
+        return self.trainer.progress_bar_callback is not None or (every > 0 and (self.global_step + 1) % every == 0)
 
     def on_train_epoch_end(self) -> None:
-        # compute() syncs across ranks, so every rank must call it, trained tasks or not.
+        # compute() syncs across ranks, so every rank must call it, trained tasks or not; the values
+        # are then the same on every rank (logged on rank 0 only). A run resumed mid-epoch counts
+        # only that epoch's batches after the restart (the sums are not checkpointed).
         # reshape: torchmetrics squeezes one-element results (one task) to 0-d tensors
         losses, accs, totals = (t.reshape(-1) for t in self.train_stats.compute())
         self.train_stats.reset()
         for i, task in enumerate(self.task_names):
             if totals[i] > 0:
-                self.log(f"train/{task}/loss", losses[i])
-                self.log(f"train/{task}/acc", accs[i])
+                self.log(f"train/{task}/loss", losses[i], rank_zero_only=True)
+                self.log(f"train/{task}/acc", accs[i], rank_zero_only=True)
 
     def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
         images, labels = batch

@@ -317,15 +317,18 @@ def _twin_tensors(
             shift = -get("running_mean") * scale
             if bn.bias is not None:
                 shift = shift + get("bias")
-            out[f"{owner}.scale"], out[f"{owner}.shift"] = (
-                scale.index_select(0, task_index),
-                shift.index_select(0, task_index),
-            )
+            # [K, C] when a tensor of this layer is patched, [C] when all it uses here are shared
+            out[f"{owner}.scale"], out[f"{owner}.shift"] = _gather(scale, task_index), _gather(shift, task_index)
         elif isinstance(layer, MixedDepthwiseConv):
             for attr in ("weight", "bias"):
                 if f"{owner}.{attr}" in stacked:
                     out[f"{owner}.{attr}"] = stacked[f"{owner}.{attr}"].index_select(0, task_index)
     return out
+
+
+def _gather(t: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+    """Rows of a per-task ``[K, C]`` tensor for each sample; a shared ``[C]`` one as it is."""
+    return t.index_select(0, task_index) if t.dim() == 2 else t
 
 
 def _per_sample(t: torch.Tensor) -> torch.Tensor:
@@ -354,16 +357,22 @@ class MixedDepthwiseConv(nn.Module):
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
         self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.weight, self.bias = conv.weight, conv.bias
+        self.source = [conv]  # in a list: not a submodule; its tensors are read at call time
+        # supplied through functional_call when patched; None: the shared conv's own
+        self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dim() == 5:
+        conv = self.source[0]
+        weight = conv.weight if self.weight is None else self.weight
+        bias = conv.bias if self.bias is None else self.bias
+        if weight.dim() == 5:
             n, c, h, w = x.shape
             out = F.conv2d(
-                x.reshape(1, n * c, h, w), self.weight.flatten(0, 1), None, self.stride, self.padding,
+                x.reshape(1, n * c, h, w), weight.flatten(0, 1), None, self.stride, self.padding,
                 self.dilation, n * self.groups,
             )  # fmt: skip
             out = out.view(n, -1, *out.shape[2:])
         else:
-            out = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-        return out if self.bias is None else out + _per_sample(self.bias)
+            out = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return out if bias is None else out + _per_sample(bias)

@@ -269,8 +269,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
-        # without a ModelCheckpoint in `callbacks`, Lightning would add its own and write checkpoints anyway
-        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        **checkpointing_kwargs(cfg.trainer, callbacks),
         **cluster_trainer_kwargs(),
     )
     setup_wandb(loggers, model.task_names)
@@ -300,6 +299,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         results["patch_files"] = {k: str(v) for k, v in files.items()}
         write_json(Path(cfg.paths.output_dir) / RESULTS_FILE, results)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+def checkpointing_kwargs(trainer_cfg: DictConfig, callbacks: list) -> dict[str, bool]:
+    """Without a ModelCheckpoint in ``callbacks`` (``callbacks=none``), Lightning would add its own and
+    write checkpoints anyway: turn checkpointing off, unless the trainer config sets it itself."""
+    if "enable_checkpointing" in trainer_cfg:
+        return {}
+    return {"enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks)}
 
 
 def _floats(metrics: dict) -> dict[str, float]:
@@ -390,7 +397,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     base = cfg.get("base")
     if base is not None and base not in PRETRAINED:
         base = hydra.utils.to_absolute_path(str(base))
-    model = load_patched_model(files, base=base, channels_last=cfg.get("channels_last", False))
+    model = load_patched_model(files, base=base, channels_last=cfg.get("channels_last"))
     data_options = OmegaConf.to_container(cfg.data, resolve=True)
     catalog = {t: h.spec for t, h in model.tasks.items()}
     specs = task_specs({"tasks": model.task_names, "catalog": catalog}, data_options)

@@ -117,6 +117,7 @@ def export_task_patch(
         "mean": json.dumps([float(v) for v in model.mean.flatten()]),
         "std": json.dumps([float(v) for v in model.std.flatten()]),
         "test_acc": json.dumps(test_acc),
+        "channels_last": json.dumps(model.channels_last),
         "tensors_sha256": tensors_digest(tensors),
     }
     return atomic_save(tensors, Path(path), meta)
@@ -168,6 +169,7 @@ def read_patch_file(path: str | Path) -> PatchFile:
     meta = dict(raw_meta)
     for key in ("width", "features", "task_spec", "classes", "num_classes", "input_size", "mean", "std", "test_acc"):
         meta[key] = json.loads(raw_meta[key])
+    meta["channels_last"] = json.loads(raw_meta.get("channels_last", "false"))  # absent in files of 2026-11-25
     parts = {"patch": {}, "stats": {}, "head": {}}
     for name, tensor in tensors.items():
         kind, _, rest = name.partition(".")
@@ -197,14 +199,15 @@ def resolve_base(pf: PatchFile, base: str | None) -> str | None:
 
 
 def load_patched_model(
-    files: Sequence[str | Path], *, base: str | None = None, channels_last: bool = False
+    files: Sequence[str | Path], *, base: str | None = None, channels_last: bool | None = None
 ) -> PatchModule:
     """One backbone + K patch files -> a model that serves each file's task by name.
 
     Args:
         files: patch files, all made on the same base with the same patch kind.
         base: base weights (``imagenet``, a path); default: the ones the files were made on.
-        channels_last: run channels-last (see ``PatchModule``).
+        channels_last: run channels-last (see ``PatchModule``); default: as the first file was trained,
+            so its test accuracy is reproduced exactly.
     """
     pfs = [read_patch_file(f) for f in files]
     if not pfs:
@@ -229,7 +232,12 @@ def load_patched_model(
     patch = resolve_patch(backbone, first.meta["patch"], norm_stats=first.meta["norm_stats"], model_name=backbone.name)
     heads = [TaskHead(pf.task, pf.meta["num_classes"], pf.meta["classes"], spec=pf.meta["task_spec"]) for pf in pfs]
     model = PatchModule(
-        backbone, patch, heads, mean=first.meta["mean"], std=first.meta["std"], channels_last=channels_last
+        backbone,
+        patch,
+        heads,
+        mean=first.meta["mean"],
+        std=first.meta["std"],
+        channels_last=first.meta["channels_last"] if channels_last is None else channels_last,
     )
     for pf in pfs:
         apply_patch_file(model, pf)
