@@ -40,7 +40,8 @@ from modelpatch.patches import PatchError, resolve_patch
 
 # Patch kinds as the platform trains them (norm_stats="task", except "logits": "frozen"), and, to
 # show what re-estimating BatchNorm statistics costs, "bn" with frozen statistics ("bn@frozen").
-KINDS = ("full", "bn", "dw", "bn+dw", "bias", "logits", "bn@frozen")
+# "!lean": with lean_backward (frozen convolutions keep only their weight for backward).
+KINDS = ("full", "bn", "dw", "bn+dw", "bias", "logits", "bn@frozen", "bn!lean", "bias!lean")
 # (backbone, input size, channels-last): the platform's default layout is channels-last (NHWC); the
 # target is also measured in the plain NCHW layout, where the reference ratio was taken.
 CONFIGS = (
@@ -66,10 +67,11 @@ class Case:
     def __init__(self, name: str, kind: str, size: int, device: str, channels_last: bool = True):
         torch.manual_seed(0)
         backbone = build_backbone(name)
+        kind, _, lean = kind.partition("!")
         kind, _, stats = kind.partition("@")
         stats = stats or ("frozen" if kind == "logits" else "task")
         patch = resolve_patch(backbone, kind, norm_stats=stats, model_name=name)
-        model = PatchModule(backbone, patch, [TaskHead("t", 10)], channels_last=channels_last)
+        model = PatchModule(backbone, patch, [TaskHead("t", 10)], channels_last=channels_last, lean_backward=bool(lean))
         self.model = model.to(device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
@@ -216,8 +218,9 @@ def run_config(
 
 
 def label(kind: str) -> str:
+    kind, _, lean = kind.partition("!")
     kind, _, stats = kind.partition("@")
-    return f"`{kind}`" + (f" (`norm_stats={stats}`)" if stats else "")
+    return f"`{kind}`" + (f" (`norm_stats={stats}`)" if stats else "") + (" (`lean_backward`)" if lean else "")
 
 
 def table(results: list[dict], cuda: bool) -> str:
@@ -294,7 +297,9 @@ def main() -> None:
         f"`resolve_patch(..., norm_stats='frozen' if logits else 'task')`, "
         f"`PatchModule(..., [TaskHead('t', 10)], channels_last=...)`), random init, in the platform's default "
         f"channels-last layout (`channels_last: true`: convolution weights and inputs NHWC) unless the table "
-        f"says NCHW; `bn` (`norm_stats=frozen`) is the `bn` patch with BatchNorm statistics kept as loaded "
+        f"says NCHW; `(lean_backward)` rows run with `lean_backward: true` (frozen convolutions keep only their "
+        f"weight for backward, not their input); `bn` (`norm_stats=frozen`) is the `bn` patch with BatchNorm "
+        f"statistics kept as loaded "
         f"(layers in eval mode), for comparison with `bn` as the platform trains it (each task re-estimates them). "
         f"The kinds of one table are timed interleaved in one process: {warmup} warm-up step and "
         f"the memory step (below) per kind, then rounds of one step per kind (rotating order). *Step ms*: median "

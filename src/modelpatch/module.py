@@ -119,6 +119,8 @@ class PatchModule(L.LightningModule):
         channels_last: hold convolution weights and inputs channels-last (NHWC): 2-3x faster
             training of MobileNets on CPU (docs/benchmarks.md); the numbers are the same up to
             float rounding.
+        lean_backward: frozen convolutions keep only their weight for backward, not their input
+            (``patches.LeanConv2d``): about a third less activation memory for ``bn`` patches.
         meta: plain data saved as hyper-parameters (the run's config), for the record.
     """
 
@@ -135,6 +137,7 @@ class PatchModule(L.LightningModule):
         mixing: str = "all",
         mix_seed: int = 0,
         channels_last: bool = False,
+        lean_backward: bool = False,
         meta: Mapping | None = None,
     ):
         super().__init__()
@@ -151,7 +154,9 @@ class PatchModule(L.LightningModule):
             raise ValueError(f"optim.name={self.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.optim.scheduler not in SCHEDULERS:
             raise ValueError(f"optim.scheduler={self.optim.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        self.model = PatchedBackbone(backbone, patch, self.tasks, train_shared=train_shared)
+        self.model = PatchedBackbone(
+            backbone, patch, self.tasks, train_shared=train_shared, lean_backward=lean_backward
+        )
         self.heads = nn.ModuleDict({t.name: nn.Linear(backbone.width, t.num_classes) for t in tasks})
         self.channels_last = channels_last
         if channels_last:
@@ -170,6 +175,7 @@ class PatchModule(L.LightningModule):
                 "tasks": [asdict(t) for t in tasks],
                 "mixing": mixing,
                 "channels_last": channels_last,
+                "lean_backward": lean_backward,
                 "optim": asdict(self.optim),
                 "mean": list(mean),
                 "std": list(std),
