@@ -7,7 +7,7 @@ import torch
 from omegaconf import open_dict
 
 from modelpatch.backbones import BackboneError
-from modelpatch.patches import PatchError
+from modelpatch.patches import LeanConv2d, PatchError
 from modelpatch.run import ConfigError, build, train
 from modelpatch.tasks import DatasetMissingError, TaskError
 
@@ -155,3 +155,10 @@ def test_channels_last_is_the_default_and_computes_the_same(make_cfg):
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(images, "digits"), plain(images, "digits"), rtol=1e-4, atol=1e-5)
+
+
+def test_lean_backward_trains_from_the_command_line_config(make_cfg, tmp_path):
+    _, objects = train(make_cfg("task=digits", "task.train_size=64", "patch=bn", "lean_backward=true"))
+    convs = [m for m in objects["model"].model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m, LeanConv2d) for m in convs)
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["tasks"]["digits"]["test_acc"] is not None
