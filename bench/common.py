@@ -146,13 +146,6 @@ def should_write(args: argparse.Namespace) -> bool:
     return (not args.quick) if args.write is None else args.write
 
 
-def compose_cfg(overrides: list[str], out_dir: Path, data_dir: Path):
-    """Compose conf/train.yaml as train.py would, outputs in ``out_dir``."""
-    from modelpatch.run import compose_run_config
-
-    return compose_run_config(overrides, out_dir, data_dir)
-
-
 def trainer_overrides(device: str) -> list[str]:
     """Quiet single-device trainer settings for runs built from the real config."""
     accelerator = "gpu" if device.startswith("cuda") else "cpu"

@@ -27,7 +27,6 @@ from common import (
     add_common_args,
     apply_threads,
     check_device,
-    compose_cfg,
     finish,
     machine_info,
     md_table,
@@ -38,7 +37,7 @@ from common import (
 )
 from probes import EpochTimer
 
-from modelpatch.run import build
+from modelpatch.run import build, compose_run_config
 
 TARGET = 0.10  # overhead <= 10% of the Lightning epoch
 TRAIN_SIZE = 2048
@@ -121,7 +120,7 @@ def main() -> None:
             "+trainer.limit_val_batches=0",
             *trainer_overrides(device),
         ]
-        cfg = compose_cfg(overrides, work / "run", work / "data")
+        cfg = compose_run_config(overrides, work / "run", work / "data")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule, model = build(cfg)
         model.to(device)

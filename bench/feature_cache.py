@@ -27,7 +27,6 @@ from common import (
     add_common_args,
     apply_threads,
     check_device,
-    compose_cfg,
     finish,
     machine_info,
     md_table,
@@ -40,7 +39,7 @@ from probes import EpochTimer
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from modelpatch.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from modelpatch.run import build
+from modelpatch.run import build, compose_run_config
 from modelpatch.tasks import read_fashion_mnist, resize
 
 TARGET = 20.0  # cached epoch >= 20x faster than uncached
@@ -93,7 +92,7 @@ def one_run(cache: bool, epochs: int, device: str, work: Path, weights: Path) ->
         "+trainer.limit_val_batches=0",
         *trainer_overrides(device),
     ]
-    cfg = compose_cfg(overrides, work / f"run-cache-{cache}", work / "data")
+    cfg = compose_run_config(overrides, work / f"run-cache-{cache}", work / "data")
     capture = _Capture()
     logger = logging.getLogger("modelpatch")
     logger.addHandler(capture)

@@ -289,7 +289,7 @@ class PatchedBackbone(nn.Module):
 def _mixable(module: nn.Module) -> bool:
     """Layers that have a per-sample version for ``forward_mixed``."""
     if isinstance(module, nn.BatchNorm2d):
-        return module.track_running_stats and module.running_mean is not None
+        return module.running_mean is not None  # eval mode uses running statistics
     return is_depthwise(module) and module.padding_mode == "zeros"
 
 
