@@ -37,7 +37,8 @@ from common import (
 )
 from probes import EpochTimer
 
-from modelpatch.run import build, compose_run_config
+from modelpatch.config import compose_run_config
+from modelpatch.run import build
 
 TARGET = 0.10  # overhead <= 10% of the Lightning epoch
 TRAIN_SIZE = 2048

@@ -39,8 +39,9 @@ from probes import EpochTimer
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from modelpatch.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
-from modelpatch.run import build, compose_run_config
-from modelpatch.tasks import read_fashion_mnist, resize
+from modelpatch.config import compose_run_config
+from modelpatch.data.embedded import read_fashion_mnist, resize
+from modelpatch.run import build
 
 TARGET = 20.0  # cached epoch >= 20x faster than uncached
 TRAIN_SIZE = 1000
@@ -106,8 +107,8 @@ def one_run(cache: bool, epochs: int, device: str, work: Path, weights: Path) ->
         logger.removeHandler(capture)
     cached_msg = next((m for m in capture.messages if "features cached" in m), None)
     caching_s = float(re.search(r"\(([\d.]+)s\)", cached_msg).group(1)) if cached_msg else None
-    if cache != model.inputs_are_features:
-        raise RuntimeError(f"data.cache_features={cache} but inputs_are_features={model.inputs_are_features}")
+    if cache != datamodule.features_cached:
+        raise RuntimeError(f"data.cache_features={cache} but features_cached={datamodule.features_cached}")
     timer = EpochTimer()
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[timer], logger=False, enable_checkpointing=False

@@ -7,8 +7,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
 from modelpatch.backbones import build_backbone
+from modelpatch.data import task_specs
 from modelpatch.patches import resolve_patch
-from modelpatch.tasks import task_specs
 
 from .conftest import CONF
 

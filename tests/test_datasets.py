@@ -11,17 +11,10 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
+from modelpatch.data import DatasetMissingError, TaskDataModule, TaskError, TaskSpec, load_task, task_specs
+from modelpatch.data.disk import StreamSplit
+from modelpatch.data.embedded import augment_batch
 from modelpatch.run import build, train
-from modelpatch.tasks import (
-    DatasetMissingError,
-    StreamSplit,
-    TaskDataModule,
-    TaskError,
-    TaskSpec,
-    augment_batch,
-    load_task,
-    task_specs,
-)
 
 from .conftest import CONF
 from .fixtures_datasets import AIRCRAFT, CARS, FLOWERS, FOOD, TEXTURES, WRITERS, write_food101, write_imagefolder

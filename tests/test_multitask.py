@@ -9,9 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modelpatch.module import CheckpointMismatchError, TaskTrainStats, tasks_per_rank
+from modelpatch.checkpoints import CheckpointMismatchError
+from modelpatch.data import TaskError, make_mixing
+from modelpatch.data.mixing import tasks_per_rank
+from modelpatch.module import TaskTrainStats
 from modelpatch.run import ConfigError, build, train
-from modelpatch.tasks import TaskError
 
 from .conftest import ROOT, TINY
 
@@ -54,9 +56,9 @@ def test_mixing_modes_choose_tasks_per_step(make_cfg):
     cfg = make_cfg(*SMALL_MIX, "task.catalog.digits.train_size=640")
     _, model = build(cfg)
     assert step_tasks(model, 2) == [("fmnist_a", "fmnist_b", "digits")] * 2
-    model.mixing = "round_robin"
+    model.mixing = make_mixing("round_robin", seed=model.mixing.seed)
     assert step_tasks(model, 4) == [("fmnist_a",), ("fmnist_b",), ("digits",), ("fmnist_a",)]
-    model.mixing = "proportional"
+    model.mixing = make_mixing("proportional", seed=model.mixing.seed)
     draws = step_tasks(model, 600)
     assert draws == step_tasks(model, 600)  # the same on every rank: seeded by step
     share = sum(d == ("digits",) for d in draws) / len(draws)

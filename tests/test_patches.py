@@ -10,13 +10,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from modelpatch.backbones import build_backbone
 from modelpatch.module import PatchModule, TaskHead
-from modelpatch.patches import (
-    PatchedBackbone,
-    PatchError,
-    is_depthwise,
-    parse_kind,
-    resolve_patch,
-)
+from modelpatch.patches import PatchedBackbone, PatchError, parse_kind, resolve_patch
 
 
 def numel(model: nn.Module, names) -> int:
@@ -33,21 +27,61 @@ def test_mobilenet_v2_patch_sizes_match_the_paper():
     assert numel(backbone, resolve_patch(backbone, "full").params) == sum(p.numel() for p in backbone.parameters())
 
 
+# Parameter counts per kind, worked out by hand from each architecture's published layer widths (not
+# from the selectors): a norm layer of C channels has 2C (scale, bias); a depthwise k x k convolution of
+# C channels has C*k*k (+ C with a bias). The final Linear is removed from every backbone.
+RESNET18_NORM = 64 + 4 * 64 + (5 * 128) + (5 * 256) + (5 * 512)  # stem, layer1, layer2-4 (+ downsample): 4800
+# EfficientNet-B0 MBConv stages (expand, kernel, in -> out, blocks), stem 32, head 1280: every block has a
+# BatchNorm after its expansion (in*expand channels, not with expand 1), its depthwise convolution and its
+# projection (out); its squeeze-excitation convolutions have biases (in // 4 and in*expand channels).
+EFFNET_B0 = [(1, 3, 32, 16, 1), (6, 3, 16, 24, 2), (6, 5, 24, 40, 2), (6, 3, 40, 80, 3), (6, 5, 80, 112, 3),
+             (6, 5, 112, 192, 4), (6, 3, 192, 320, 1)]  # fmt: skip
+
+
+def _effnet_b0_counts() -> tuple[int, int, int]:
+    norm = dw = se_bias = 0
+    for expand, k, c_in, c_out, blocks in EFFNET_B0:
+        for b in range(blocks):
+            inner = (c_in if b == 0 else c_out) * expand
+            norm += (inner if expand > 1 else 0) + inner + c_out
+            dw += inner * k * k
+            se_bias += (c_in if b == 0 else c_out) // 4 + inner
+    norm += 32 + 1280
+    return 2 * norm, dw, norm + se_bias
+
+
+EFFNET_BN, EFFNET_DW, EFFNET_BIAS = _effnet_b0_counts()  # 42,016 / 182,016 / 30,348
+CONVNEXT_DIMS, CONVNEXT_DEPTHS = (96, 192, 384, 768), (3, 3, 9, 3)
+# ConvNeXt-Tiny: a LayerNorm per block, in the stem, before each of 3 downsamplings and in the classifier;
+# a 7x7 depthwise convolution with bias per block; biases also in each block's two pointwise Linears
+# (4C and C), the stem and downsampling convolutions.
+CONVNEXT_BLOCKS = sum(c * d for c, d in zip(CONVNEXT_DIMS, CONVNEXT_DEPTHS, strict=True))  # 6,624 channels
+CONVNEXT_NORM = CONVNEXT_BLOCKS + 96 + (96 + 192 + 384) + 768  # 8,160 channels
+CONVNEXT_BIAS = CONVNEXT_NORM + CONVNEXT_BLOCKS * (1 + 5) + 96 + (192 + 384 + 768)  # 49,344
+
+# name -> (bn, dw, bias) parameters; None: the kind selects nothing there
+EXPECTED = {
+    "mobilenet_v2": (34_112, 64_224, 17_056),  # width 1.0: the paper's numbers
+    "resnet18": (2 * RESNET18_NORM, None, RESNET18_NORM),  # 9,600 / - / 4,800: its convolutions have no bias
+    "efficientnet_b0": (EFFNET_BN, EFFNET_DW, EFFNET_BIAS),
+    "convnext_tiny": (2 * CONVNEXT_NORM, CONVNEXT_BLOCKS * (49 + 1), CONVNEXT_BIAS),  # 16,320 / 331,200 / 49,344
+}
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "convnext_tiny", "efficientnet_b0"])
 def test_each_kind_selects_the_right_layers(name):
-    backbone = build_backbone(name, width=0.25 if name == "mobilenet_v2" else 1.0)
-    modules = dict(backbone.named_modules())
-    owner = {n: modules[n.rpartition(".")[0]] for n, _ in backbone.named_parameters()}
+    backbone = build_backbone(name)
+    bn_count, dw_count, bias_count = EXPECTED[name]
     bn = resolve_patch(backbone, "bn").params
-    assert bn and all(isinstance(owner[n], (_BatchNorm, nn.GroupNorm, nn.LayerNorm)) for n in bn)
-    norm_params = {n for n, m in owner.items() if isinstance(m, (_BatchNorm, nn.GroupNorm, nn.LayerNorm))}
-    assert set(bn) == norm_params
+    assert numel(backbone, bn) == bn_count
     bias = resolve_patch(backbone, "bias").params
-    assert bias and all(n.endswith(".bias") for n in bias)
-    if name == "resnet18":
+    assert numel(backbone, bias) == bias_count and all(n.endswith(".bias") for n in bias)
+    if dw_count is None:
+        with pytest.raises(PatchError, match="no depthwise convolutions"):
+            resolve_patch(backbone, "dw")
         return
     dw = resolve_patch(backbone, "dw").params
-    assert dw and all(is_depthwise(owner[n]) for n in dw)
+    assert numel(backbone, dw) == dw_count
     assert set(resolve_patch(backbone, "bn+dw").params) == set(bn) | set(dw)
 
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import modelpatch.serving as serving
 from modelpatch.backbones import build_backbone
+from modelpatch.mixed import mixed_twin
 from modelpatch.module import PatchModule, TaskHead
 from modelpatch.patches import resolve_patch
 from modelpatch.run import train
@@ -76,7 +77,7 @@ def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str 
 def test_mixed_task_batch_equals_per_task_passes(kind, norm_stats, vectorized, tmp_path):
     model = tiny_model(kind, norm_stats=norm_stats)
     # bn and dw tensors run in the per-sample twin of the backbone; others through vmap
-    assert (model.model._mixed_twin() is None) == vectorized
+    assert (mixed_twin(model.model) is None) == vectorized
     images = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
     tasks = ["a", "b", "c", "b", "a", "c", "c", "b", "a", "a", "b", "c"]
     export_patches(model, tmp_path)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torchvision
 
-from modelpatch.tasks import (
+from modelpatch.data import (
     DatasetMissingError,
     TaskDataModule,
     TaskError,

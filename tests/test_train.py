@@ -1,15 +1,18 @@
 """Training through the real Hydra config and the real Lightning Trainer, tiny and on CPU."""
 
 import json
+import math
 
 import pytest
 import torch
 from omegaconf import open_dict
 
 from modelpatch.backbones import BackboneError
-from modelpatch.patches import LeanConv2d, PatchError
+from modelpatch.data import DatasetMissingError, TaskError
+from modelpatch.memory import LeanConv2d
+from modelpatch.module import warmup_cosine
+from modelpatch.patches import PatchError
 from modelpatch.run import ConfigError, build, train
-from modelpatch.tasks import DatasetMissingError, TaskError
 
 DIGITS = ["task=digits", "task.train_size=200"]
 
@@ -162,3 +165,22 @@ def test_lean_backward_trains_from_the_command_line_config(make_cfg, tmp_path):
     convs = [m for m in objects["model"].model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(isinstance(m, LeanConv2d) for m in convs)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["tasks"]["digits"]["test_acc"] is not None
+
+
+def _closed_form(step: int, warmup: int, total: int) -> float:
+    """The schedule as written before torch's schedulers did it: linear warmup, then cosine to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(0, 1), (0, 100), (1, 10), (5, 50), (10, 10), (12, 10)])
+def test_warmup_cosine_gives_the_closed_form_learning_rates(warmup, total):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in (0.1, 0.02)]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    scheduler = warmup_cosine(optimizer, warmup, total)
+    for step in range(total + 1):
+        for group, base in zip(optimizer.param_groups, (0.1, 0.02), strict=True):
+            assert group["lr"] == pytest.approx(base * _closed_form(step, warmup, total), rel=1e-12, abs=1e-15), step
+        optimizer.step()
+        scheduler.step()

@@ -18,6 +18,8 @@ import torchvision
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
+from modelpatch.checkpoints import backbone_state_from_checkpoint
+
 
 class BackboneError(ValueError):
     """A backbone or its weights cannot be built as configured."""
@@ -51,10 +53,6 @@ BACKBONES: dict[str, BackboneSpec] = {
     # classifier study. Its pretrained weights are the detector's (COCO).
     "ssdlite_mobilenet_v3": BackboneSpec(None, pretrained="coco"),
 }
-
-# Where PatchModule keeps the shared backbone and the per-task patches in its state dict.
-CKPT_BACKBONE = "model.backbone."
-CKPT_PATCHES = "model.patches."
 
 PRETRAINED = ("imagenet", "coco")  # weights values that mean "torchvision's pretrained weights"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -182,20 +180,20 @@ imagenet_weights_file = pretrained_weights_file
 
 
 def load_pretrained_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """Read torchvision's pretrained weights for ``name`` from the hub cache, downloading if online."""
+    """Torchvision's pretrained weights for ``name`` from the torch hub cache; if missing, downloaded
+    (when online) and checked against the hash in the file name."""
     enum = _weights_enum(name)
     path = pretrained_weights_file(name)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(enum.url, str(path), progress=False)
-        except Exception as err:
-            raise BackboneError(
-                f"pretrained weights for {name} are not in the torch hub cache and could not be "
-                f"downloaded ({err}). Fetch {enum.url} on a machine with internet access and "
-                f"copy it to {path} (set TORCH_HOME to use another cache folder)."
-            ) from err
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return enum.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as err:
+        if path.exists():  # in the cache, but unreadable: not a download problem
+            raise
+        raise BackboneError(
+            f"pretrained weights for {name} are not in the torch hub cache and could not be "
+            f"downloaded ({err}). Fetch {enum.url} on a machine with internet access and "
+            f"copy it to {path} (set TORCH_HOME to use another cache folder)."
+        ) from err
 
 
 def _check_normalization(name: str, mean, std) -> None:
@@ -231,27 +229,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise BackboneError(f"{path} holds no state dict (a mapping of names to tensors)")
     return dict(obj)
-
-
-def backbone_state_from_checkpoint(ckpt: Mapping, path: os.PathLike | str) -> dict[str, torch.Tensor]:
-    """The backbone a one-task checkpoint of this platform learned: shared weights with the
-    task's patch applied (a multi-task checkpoint is ambiguous and refused)."""
-    state = ckpt["state_dict"]
-    tasks = sorted({k.removeprefix(CKPT_PATCHES).split(".")[0] for k in state if k.startswith(CKPT_PATCHES)})
-    if len(tasks) > 1:
-        raise BackboneError(
-            f"{path} is a multi-task checkpoint (tasks: {', '.join(tasks)}); export one task's "
-            "backbone or load it with eval.py instead"
-        )
-    if not tasks and not any(k.startswith(CKPT_BACKBONE) for k in state):
-        raise BackboneError(f"{path} is a Lightning checkpoint, but not one made by modelpatch")
-    out = {k.removeprefix(CKPT_BACKBONE): v for k, v in state.items() if k.startswith(CKPT_BACKBONE)}
-    for key, value in state.items():
-        if key.startswith(CKPT_PATCHES):
-            # <prefix><task>.<mangled name>, mangled = backbone name with "." -> "__"
-            name = key.removeprefix(CKPT_PATCHES).split(".", 1)[1].replace("__", ".")
-            out[name] = value
-    return out
 
 
 def load_backbone_weights(backbone: Backbone, path: str | os.PathLike) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -13,9 +13,13 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from modelpatch.backbones import CKPT_PATCHES, Backbone
+from modelpatch.backbones import Backbone
+from modelpatch.data.mixing import Mixing, make_mixing
+from modelpatch.data.specs import check_task_names
+from modelpatch.mixed import forward_mixed
 from modelpatch.patches import Patch, PatchedBackbone
-from modelpatch.tasks import TaskDataModule, check_task_names
+
+log = logging.getLogger("modelpatch")
 
 
 @dataclass
@@ -49,21 +53,14 @@ class OptimConfig:
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("cosine", "constant")
-MIXING = ("all", "round_robin", "proportional", "per_device")
-
-
-def tasks_per_rank(tasks: Sequence[str], world_size: int) -> list[str]:
-    """``per_device`` mixing: rank ``r`` trains ``tasks[r % K]`` (the paper's one task per device)."""
-    if world_size < len(tasks):
-        raise ValueError(
-            f"mixing=per_device trains one task per device and needs trainer.devices >= {len(tasks)} "
-            f"(one per task: {', '.join(tasks)}); got {world_size}. Use mixing=all or round_robin."
-        )
-    return [tasks[r % len(tasks)] for r in range(world_size)]
 
 
 class TaskMeanAccuracy(Metric):
-    """Accuracy of each task, averaged over tasks (the number a sweeper optimizes)."""
+    """Accuracy of each task, averaged over tasks (the number a sweeper optimizes).
+
+    Own metric: torchmetrics' ``MultitaskWrapper`` needs every task's predictions in one update, and here
+    each evaluation batch is one task's; tasks without a batch must not count.
+    """
 
     full_state_update = False
 
@@ -85,7 +82,8 @@ class TaskTrainStats(Metric):
     """Each task's mean training loss and accuracy over an epoch, summed across ranks.
 
     One metric for all tasks, logged once per epoch: logging per step costs about 0.7 ms of
-    Lightning bookkeeping per value, as much as a cached-feature step itself.
+    Lightning bookkeeping per value, as much as a cached-feature step itself. Own metric: a
+    ``MeanMetric`` and an accuracy per task would cost 2K syncs per epoch where this is one.
     """
 
     full_state_update = False
@@ -119,8 +117,9 @@ class PatchModule(L.LightningModule):
         channels_last: hold convolution weights and inputs channels-last (NHWC): 2-3x faster
             training of MobileNets on CPU (docs/benchmarks.md); the numbers are the same up to
             float rounding.
+        mixing: the task-mixing mode (``modelpatch.data.mixing``), or its name; ``mix_seed`` seeds a named one.
         lean_backward: frozen convolutions keep only their weight for backward, not their input
-            (``patches.LeanConv2d``): about a third less activation memory for ``bn`` patches.
+            (``memory.LeanConv2d``): about a third less activation memory for ``bn`` patches.
         meta: plain data saved as hyper-parameters (the run's config), for the record.
     """
 
@@ -134,7 +133,7 @@ class PatchModule(L.LightningModule):
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
         train_shared: bool = False,
-        mixing: str = "all",
+        mixing: str | Mixing = "all",
         mix_seed: int = 0,
         channels_last: bool = False,
         lean_backward: bool = False,
@@ -142,13 +141,10 @@ class PatchModule(L.LightningModule):
     ):
         super().__init__()
         check_task_names([t.name for t in tasks])
-        if mixing not in MIXING:
-            raise ValueError(f"task mixing {mixing!r} is unknown; choose one of {', '.join(MIXING)}")
         self.tasks = {t.name: t for t in tasks}
-        self.mixing = mixing
-        self.mix_seed = mix_seed
+        self.mixing = mixing if isinstance(mixing, Mixing) else make_mixing(mixing, seed=mix_seed)
         self.frozen_tasks: set[str] = set()
-        self.inputs_are_features = False
+        self.inputs_are_features = False  # asked of the datamodule in setup()
         self.optim = optim or OptimConfig()
         if self.optim.name not in OPTIMIZERS:
             raise ValueError(f"optim.name={self.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -173,7 +169,7 @@ class PatchModule(L.LightningModule):
                 "backbone": {"name": backbone.name, "width": backbone.width, "width_mult": backbone.width_mult},
                 "patch": {"kind": patch.kind, "norm_stats": patch.norm_stats, "train_shared": train_shared},
                 "tasks": [asdict(t) for t in tasks],
-                "mixing": mixing,
+                "mixing": self.mixing.name,
                 "channels_last": channels_last,
                 "lean_backward": lean_backward,
                 "optim": asdict(self.optim),
@@ -224,32 +220,6 @@ class PatchModule(L.LightningModule):
             return self.heads[task](images)
         return self.heads[task](self.features(images, task))
 
-    @torch.no_grad()
-    def cache_features(self, datamodule: TaskDataModule, batch_size: int = 512) -> None:
-        """Replace every split's images by the backbone's features, computed once.
-
-        Exact only for a fixed backbone (``logits`` patch, frozen statistics, nothing shared
-        trained): then training the heads on cached features is training on images.
-        """
-        if not self.model.fixed_backbone:
-            raise ValueError(
-                f"features can be cached only for a fixed backbone (patch=logits, norm_stats=frozen, "
-                f"train_shared=false); this run has patch={self.patch.kind}, norm_stats={self.patch.norm_stats}"
-            )
-        if not datamodule.cacheable:
-            raise ValueError("features can be cached only for in-memory tasks without augment (not streamed from disk)")
-        was_training = self.training
-        self.eval()
-        for name, data in datamodule.data.items():
-            for split in (data.train, data.val, data.test):
-                chunks = [
-                    self.features(split.images[i : i + batch_size].to(self.device), name).cpu()
-                    for i in range(0, len(split.labels), batch_size)
-                ]
-                split.images = torch.cat(chunks) if chunks else torch.empty(0, self.model.backbone.width)
-        self.inputs_are_features = True
-        self.train(was_training)
-
     def forward_mixed(self, images: torch.Tensor, tasks: Sequence[str]) -> torch.Tensor:
         """Logits for a batch whose sample ``i`` belongs to task ``tasks[i]``, in one backbone pass.
 
@@ -263,7 +233,7 @@ class PatchModule(L.LightningModule):
             raise KeyError(f"unknown task(s) {', '.join(unknown)}; this model serves {', '.join(self.tasks)}")
         order = list(dict.fromkeys(tasks))
         index = torch.tensor([order.index(t) for t in tasks], device=images.device)
-        feats = self.model.forward_mixed(self.prepare(images), index, order)
+        feats = forward_mixed(self.model, self.prepare(images), index, order)
         out = feats.new_full((len(tasks), max(self.tasks[t].num_classes for t in order)), float("-inf"))
         for i, task in enumerate(order):
             rows = index == i
@@ -272,33 +242,29 @@ class PatchModule(L.LightningModule):
 
     # --- steps -----------------------------------------------------------------------------
 
-    def tasks_for_step(self, available: Sequence[str]) -> list[str]:
-        """Which tasks this step trains. Every rank draws the same tasks (same seed and step),
-        except under ``per_device``, where each rank keeps to its own task."""
-        tasks = [t for t in self.trainable_tasks if t in available]
-        if self.mixing == "all" or len(tasks) <= 1:
-            return tasks
-        if self.mixing == "round_robin":
-            return [tasks[self.global_step % len(tasks)]]
-        if self.mixing == "proportional":
-            sizes = torch.tensor([max(1, self.tasks[t].train_samples) for t in tasks], dtype=torch.float)
-            gen = torch.Generator().manual_seed(self.mix_seed * 1_000_003 + self.global_step)
-            return [tasks[int(torch.multinomial(sizes, 1, generator=gen))]]
-        return [self._rank_tasks()[self.global_rank]]
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        self.inputs_are_features = bool(getattr(datamodule, "features_cached", False))
 
-    def _rank_tasks(self) -> list[str]:
-        return tasks_per_rank(self.trainable_tasks, self.trainer.world_size)
+    def tasks_for_step(self, available: Sequence[str]) -> list[str]:
+        """Which tasks this step trains (``self.mixing`` decides). Every rank draws the same tasks (same
+        seed and step), except under ``per_device``, where each rank keeps to its own task."""
+        return self.mixing.tasks_for_step(
+            [t for t in self.trainable_tasks if t in available],
+            step=self.global_step,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+            sizes={t: h.train_samples for t, h in self.tasks.items()},
+        )
 
     def loss_scale(self, task: str) -> float:
-        """DDP averages gradients over all ranks; a task trained on n of W ranks is scaled by W/n
-        so that its patch and head get the mean gradient of the ranks that saw it, undiluted."""
-        if self.mixing != "per_device" or self.trainer.world_size == 1:
-            return 1.0
-        return self.trainer.world_size / self._rank_tasks().count(task)
+        """The factor of ``task``'s loss under DDP (``Mixing.loss_scale``)."""
+        return self.mixing.loss_scale(task, self.trainable_tasks, self.trainer.world_size)
 
     def on_fit_start(self) -> None:
-        if self.mixing == "per_device":
-            self._rank_tasks()  # fail early when there are fewer devices than tasks
+        self.mixing.rank_tasks(self.trainable_tasks, self.trainer.world_size)  # fail early (too few devices)
+        if self.trainer.ckpt_path:
+            log.info(f"resuming from {self.trainer.ckpt_path}")
         counts = {f"params/{k}": float(v) for k, v in self.parameter_counts().items()}
         for logger in self.loggers:
             logger.log_metrics(counts, step=0)
@@ -325,7 +291,7 @@ class PatchModule(L.LightningModule):
         world = torch.distributed.get_world_size()
         if world == 1:
             return
-        owners = self._rank_tasks() if self.mixing == "per_device" else None
+        owners = self.mixing.rank_tasks(self.trainable_tasks, world)
         for task in self.trainable_tasks:
             for buf in self.model.patches[task].buffers():
                 if owners is not None:
@@ -440,14 +406,7 @@ class PatchModule(L.LightningModule):
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(o.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = warmup_cosine(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
@@ -455,43 +414,12 @@ def _numel(params) -> int:
     return sum(p.numel() for p in params)
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's tasks, patches or heads do not fit the model being built."""
-
-
-def load_tasks_from_checkpoint(model: PatchModule, state: Mapping[str, torch.Tensor], path: str) -> list[str]:
-    """Load the shared backbone and every task the checkpoint holds into ``model``.
-
-    The model may have tasks the checkpoint lacks (new tasks keep their fresh patch and head);
-    anything else that does not match, key or shape, is an error listing it.
-
-    Returns:
-        The names of the tasks that were loaded.
-    """
-    expected = model.state_dict()
-    loaded_tasks = sorted(
-        {k.removeprefix(CKPT_PATCHES).split(".")[0] for k in state if k.startswith(CKPT_PATCHES)}
-        | {k.split(".")[1] for k in state if k.startswith("heads.")}
-    )
-    new_tasks = [t for t in model.task_names if t not in loaded_tasks]
-    fresh = tuple(f"{CKPT_PATCHES}{t}." for t in new_tasks) + tuple(f"heads.{t}." for t in new_tasks)
-    missing = sorted(k for k in expected if k not in state and not k.startswith(fresh))
-    unexpected = sorted(k for k in state if k not in expected)
-    wrong = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong:
-        parts = [
-            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        ]
-        raise CheckpointMismatchError(
-            f"{path} does not fit this model (tasks in checkpoint: {', '.join(loaded_tasks)}); "
-            + "; ".join(parts)
-            + ". Check backbone, patch and each task's classes against the run that made it."
-        )
-    model.load_state_dict(dict(state), strict=False)
-    return loaded_tasks
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step schedule: ``warmup`` steps rising linearly to the base rate (step ``s``: ``(s + 1) / warmup``),
+    then a cosine decay to 0 at step ``total``."""
+    schedulers = torch.optim.lr_scheduler
+    if warmup == 0:
+        return schedulers.CosineAnnealingLR(optimizer, T_max=max(1, total))
+    linear = schedulers.LinearLR(optimizer, 1 / warmup, 1.0, total_iters=max(1, warmup - 1))
+    cosine = schedulers.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
+    return schedulers.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])

@@ -8,15 +8,15 @@ statistics, when tasks own them), and runs the backbone with the active task's c
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from modelpatch.memory import use_lean_convs
 
 NORM_LAYERS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 NORM_STATS = ("task", "frozen")
@@ -215,7 +215,7 @@ class PatchedBackbone(nn.Module):
         self._norm_layers = [m for m in backbone.modules() if self.fixed_backbone or isinstance(m, _BatchNorm)]
         for task in tasks:
             self.add_task(task)
-        self._freeze_norm_layers()
+        self.freeze_norm_layers()
 
     def add_task(self, task: str) -> TaskPatch:
         """Give ``task`` its own patch, copied from the shared backbone."""
@@ -225,56 +225,20 @@ class PatchedBackbone(nn.Module):
         return self.patches[task]
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        self._freeze_norm_layers()
+        self.freeze_norm_layers()
         return functional_call(self.backbone, self.patches[task].tensors(), (x,), strict=False)
 
-    def forward_mixed(self, x: torch.Tensor, task_index: torch.Tensor, tasks: list[str]) -> torch.Tensor:
-        """One pass over a batch whose samples belong to different tasks (inference only).
-
-        Sample ``i`` uses the patch of ``tasks[task_index[i]]``. When the patch holds only
-        BatchNorm and depthwise-convolution tensors (``bn``, ``dw``, statistics), a twin of the
-        backbone runs in which each patched BatchNorm is a per-sample scale and shift (computed
-        once per task, then gathered) and each patched depthwise convolution one grouped
-        convolution over all samples' channels. Any other patch runs the backbone vectorized over
-        samples (``torch.func.vmap``), several times slower.
-        """
-        if self.training:
-            raise RuntimeError("mixed-task batches are for inference: call .eval() first")
-        self._freeze_norm_layers()
-        per_task = [self.patches[t].tensors() for t in tasks]
-        if not per_task[0]:
-            return self.backbone(x)
-        stacked = {name: torch.stack([p[name] for p in per_task]) for name in per_task[0]}
-        twin = self._mixed_twin()
-        if twin is not None:
-            return functional_call(twin, _twin_tensors(twin, stacked, task_index), (x,), strict=False)
-
-        def one(tensors: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
-            return functional_call(self.backbone, tensors, (sample.unsqueeze(0),), strict=False).squeeze(0)
-
-        return vmap(one)({name: t.index_select(0, task_index) for name, t in stacked.items()}, x)
-
-    def _mixed_twin(self) -> nn.Module | None:
-        """The backbone with its patched layers replaced by per-sample ones, or ``None`` if the patch
-        holds tensors of layers that have no per-sample version (built once; shares all else)."""
-        if "_twin" not in self.__dict__:
-            modules = dict(self.backbone.named_modules())
-            owners = {name.rpartition(".")[0] for name in (*self.patch.params, *self.patch.buffers)}
-            fits = all(_mixable(modules[owner]) for owner in owners)
-            # in a list: the twin is not a submodule (no state dict entries, no .to() of its own)
-            self._twin = [_twin_of(self.backbone, owners) if fits else None]
-        return self._twin[0]
-
     def _apply(self, fn, recurse: bool = True):
-        self.__dict__.pop("_twin", None)  # .to(), .half(), ... make new buffers: the twin must see them
+        # .to(), .half(), ... make new buffers: the mixed-batch twin (mixed.py) must see them
+        self.__dict__.pop("_twin", None)
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> PatchedBackbone:
         super().train(mode)
-        self._freeze_norm_layers()
+        self.freeze_norm_layers()
         return self
 
-    def _freeze_norm_layers(self) -> None:
+    def freeze_norm_layers(self) -> None:
         # Also checked on every forward: trainers may restore saved `.training` flags directly.
         if self.patch.norm_stats == "frozen" or self.fixed_backbone:
             for module in self._norm_layers:
@@ -284,159 +248,3 @@ class PatchedBackbone(nn.Module):
         """Backbone parameters used by every task as they are (not shadowed by a patch)."""
         patched = set(self.patch.params)
         return [p for n, p in self.backbone.named_parameters() if n not in patched]
-
-
-def _mixable(module: nn.Module) -> bool:
-    """Layers that have a per-sample version for ``forward_mixed``."""
-    if isinstance(module, nn.BatchNorm2d):
-        return module.running_mean is not None  # eval mode uses running statistics
-    return is_depthwise(module) and module.padding_mode == "zeros"
-
-
-def _twin_of(module: nn.Module, owners: set[str], prefix: str = "") -> nn.Module:
-    """A copy of the module tree in which the layers named in ``owners`` are per-sample versions;
-    subtrees without one are the original modules, shared."""
-    if prefix in owners:
-        return MixedBatchNorm(module) if isinstance(module, nn.BatchNorm2d) else MixedDepthwiseConv(module)
-    children = {name: _twin_of(child, owners, f"{prefix}.{name}" if prefix else name)
-                for name, child in module.named_children()}  # fmt: skip
-    if all(children[name] is child for name, child in module.named_children()):
-        return module
-    twin = copy.copy(module)
-    twin.__dict__.update(
-        _modules=children, _parameters=dict(module._parameters), _buffers=dict(module._buffers)
-    )  # own dicts: functional_call swaps tensors in the twin's, never in the original's
-    return twin
-
-
-def _twin_tensors(
-    twin: nn.Module, stacked: dict[str, torch.Tensor], task_index: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The tensors each per-sample layer of ``twin`` needs for this batch, from each task's patch
-    tensors (``stacked``: name -> ``[K, ...]``) and the shared ones it does not patch."""
-    out = {}
-    for owner, layer in twin.named_modules():
-        if isinstance(layer, MixedBatchNorm):
-            bn = layer.source[0]
-
-            def get(attr: str, owner=owner, bn=bn) -> torch.Tensor | None:
-                return stacked.get(f"{owner}.{attr}", getattr(bn, attr))
-
-            scale = torch.rsqrt(get("running_var") + bn.eps)
-            if bn.weight is not None:
-                scale = get("weight") * scale
-            shift = -get("running_mean") * scale
-            if bn.bias is not None:
-                shift = shift + get("bias")
-            # [K, C] when a tensor of this layer is patched, [C] when all it uses here are shared
-            out[f"{owner}.scale"], out[f"{owner}.shift"] = _gather(scale, task_index), _gather(shift, task_index)
-        elif isinstance(layer, MixedDepthwiseConv):
-            for attr in ("weight", "bias"):
-                if f"{owner}.{attr}" in stacked:
-                    out[f"{owner}.{attr}"] = stacked[f"{owner}.{attr}"].index_select(0, task_index)
-    return out
-
-
-def _gather(t: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
-    """Rows of a per-task ``[K, C]`` tensor for each sample; a shared ``[C]`` one as it is."""
-    return t.index_select(0, task_index) if t.dim() == 2 else t
-
-
-def _per_sample(t: torch.Tensor) -> torch.Tensor:
-    """``[C]`` (shared) or ``[N, C]`` (per sample) -> broadcastable over ``[N, C, H, W]``."""
-    return t.view(t.shape[0] if t.dim() == 2 else 1, -1, 1, 1)
-
-
-class MixedBatchNorm(nn.Module):
-    """Eval-mode ``BatchNorm2d`` as a per-sample ``x * scale + shift`` (``[N, C]`` each, one row per
-    sample, supplied through ``functional_call``; ``_twin_tensors`` computes them)."""
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.source = [bn]  # in a list: not a submodule
-        self.register_buffer("scale", torch.empty(0), persistent=False)
-        self.register_buffer("shift", torch.empty(0), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(_per_sample(self.shift), x, _per_sample(self.scale))
-
-
-class MixedDepthwiseConv(nn.Module):
-    """A depthwise ``Conv2d`` whose kernel ``[N, C, 1, kh, kw]`` and bias ``[N, C]`` may be per sample:
-    one grouped convolution over the channels of all samples."""
-
-    def __init__(self, conv: nn.Conv2d):
-        super().__init__()
-        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
-        self.source = [conv]  # in a list: not a submodule; its tensors are read at call time
-        # supplied through functional_call when patched; None: the shared conv's own
-        self.register_buffer("weight", None, persistent=False)
-        self.register_buffer("bias", None, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = self.source[0]
-        weight = conv.weight if self.weight is None else self.weight
-        bias = conv.bias if self.bias is None else self.bias
-        if weight.dim() == 5:
-            n, c, h, w = x.shape
-            out = F.conv2d(
-                x.reshape(1, n * c, h, w), weight.flatten(0, 1), None, self.stride, self.padding,
-                self.dilation, n * self.groups,
-            )  # fmt: skip
-            out = out.view(n, -1, *out.shape[2:])
-        else:
-            out = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
-        return out if bias is None else out + _per_sample(bias)
-
-
-class _FrozenConv2d(torch.autograd.Function):
-    """``conv2d`` whose weight gets no gradient: it saves only the weight, not the input (which only
-    a weight gradient needs); the input gradient is computed from the weight alone."""
-
-    @staticmethod
-    def forward(ctx, x, weight, stride, padding, dilation, groups):
-        ctx.save_for_backward(weight)
-        ctx.conv = (x.shape, x.dtype, stride, padding, dilation, groups)
-        return F.conv2d(x, weight, None, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        shape, dtype, stride, padding, dilation, groups = ctx.conv
-        # only the input's shape and layout are read; a real (uninitialized) buffer in the layout of
-        # `grad` keeps oneDNN on its fast path, where an expanded 1-element tensor does not
-        layout = torch.channels_last if _is_channels_last(grad) else torch.contiguous_format
-        placeholder = torch.empty(shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
-        grad_input = torch.ops.aten.convolution_backward(
-            grad, placeholder, weight.to(grad.dtype), None, stride, padding, dilation, False, [0], groups,
-            (True, False, False),
-        )[0]  # fmt: skip
-        return grad_input.to(dtype), None, None, None, None, None  # .to: autocast ran the forward in bf16/fp16
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
-
-
-class LeanConv2d(nn.Conv2d):
-    """A ``Conv2d`` that, while its weight is frozen and its input needs a gradient, does not keep its
-    input for backward: a third less activation memory for ``bn``/``bias`` patches on MobileNetV2, at
-    a few percent of step time (docs/benchmarks.md). A trainable weight (``dw`` patch, ``full``,
-    ``train_shared``) runs the plain convolution."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lean = (
-            torch.is_grad_enabled() and x.requires_grad and not self.weight.requires_grad
-            and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-        )  # fmt: skip
-        if not lean:
-            return super().forward(x)
-        out = _FrozenConv2d.apply(x, self.weight, self.stride, self.padding, self.dilation, self.groups)
-        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
-
-
-def use_lean_convs(model: nn.Module) -> None:
-    """Make every plain ``Conv2d`` of ``model`` a ``LeanConv2d`` (same parameters and state dict)."""
-    for module in model.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = LeanConv2d

@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-RESULTS_FILE = "results.json"
+from modelpatch.checkpoints import RESULTS_FILE
+
 COLUMNS = ("task", "patch", "backbone", "params_task", "params_total", "test_acc", "val_acc", "run")
 PATCH_ORDER = ("logits", "bias", "bn", "dw", "bn+bias", "bn+dw", "dw+bias", "bn+dw+bias", "full")
 

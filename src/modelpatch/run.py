@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -17,50 +15,30 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from modelpatch.backbones import PRETRAINED, build_backbone, list_backbones
+from modelpatch.checkpoints import (
+    NO_LAST_CHECKPOINT,
+    RESULTS_FILE,
+    load_tasks_from_checkpoint,
+    make_results,
+    read_init_checkpoint,
+    resume_path,
+    write_json,
+)
+from modelpatch.config import ConfigError
+from modelpatch.data import TaskDataModule, TaskSpec, make_mixing, task_specs
+from modelpatch.data.features import cache_features
 from modelpatch.launch import cluster_trainer_kwargs, threads_per_job
-from modelpatch.module import OptimConfig, PatchModule, TaskHead, load_tasks_from_checkpoint
+from modelpatch.module import OptimConfig, PatchModule, TaskHead
 from modelpatch.patches import parse_kind, resolve_patch
-from modelpatch.report import RESULTS_FILE
 from modelpatch.serving import export_patches, load_patched_model, read_patch_file
-from modelpatch.tasks import TaskDataModule, TaskSpec, task_specs
 from modelpatch.wandb_utils import setup_wandb
 
 log = logging.getLogger("modelpatch")
-
-
-class ConfigError(ValueError):
-    """The composed config asks for something that cannot be built."""
-
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
-def compose_run_config(
-    overrides: list[str], output_dir: str | Path, data_dir: str | Path | None = None, *, config_dir: Path = CONFIG_DIR
-) -> DictConfig:
-    """Compose ``conf/train.yaml`` as ``train.py`` would, for a run in this process (tests, benchmarks,
-    notebooks): outputs go to ``output_dir``, and Hydra's runtime config is set, as in a job."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = cfg.paths.log_dir = cfg.hydra.runtime.output_dir = str(output_dir)
-        if data_dir is not None:
-            cfg.paths.data_dir = str(data_dir)
-        cfg.paths.root_dir = cfg.hydra.runtime.cwd = str(config_dir.parent)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -114,48 +92,6 @@ def check_config(cfg: DictConfig) -> None:
     parse_kind(cfg.patch.kind)
 
 
-def resume_path(cfg: DictConfig) -> str | None:
-    """The checkpoint to resume from: ``ckpt_path``, else the run's own ``last.ckpt`` if any."""
-    if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if cfg.get("resume", True) and last.exists():
-        log.info(f"resuming from {last}")
-        return str(last)
-    return None
-
-
-def read_init_checkpoint(cfg: DictConfig) -> tuple[dict, dict, str] | None:
-    """The ``init_from`` checkpoint (state dict, hyper-parameters, path), checked against cfg."""
-    if not cfg.get("init_from"):
-        return None
-    path = hydra.utils.to_absolute_path(str(cfg.init_from))
-    if cfg.backbone.weights is not None:
-        raise ConfigError("set either init_from (a whole multi-task model) or backbone.weights, not both")
-    if not Path(path).is_file():
-        raise ConfigError(f"init_from checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hp = ckpt.get("hyper_parameters", {})
-    if "tasks" not in hp or "state_dict" not in ckpt:
-        raise ConfigError(f"{path} is not a modelpatch checkpoint (no tasks in its hyper-parameters)")
-    want = {
-        "backbone": cfg.backbone.name,
-        "backbone.width": cfg.backbone.width,
-        "patch": cfg.patch.kind,
-        "patch.norm_stats": cfg.patch.norm_stats,
-    }
-    have = {
-        "backbone": hp["backbone"]["name"],
-        "backbone.width": hp["backbone"]["width_mult"],
-        "patch": hp["patch"]["kind"],
-        "patch.norm_stats": hp["patch"]["norm_stats"],
-    }
-    diffs = [f"{k}={have[k]} in the checkpoint but {want[k]} here" for k in want if have[k] != want[k]]
-    if diffs:
-        raise ConfigError(f"init_from {path} does not match this run: {'; '.join(diffs)}")
-    return ckpt["state_dict"], hp, path
-
-
 def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
     """Config -> (data, model). Every check happens here, before training starts."""
     check_config(cfg)
@@ -176,6 +112,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         weights = hydra.utils.to_absolute_path(str(weights))
     backbone = build_backbone(bb.name, weights=weights, width=bb.width, mean=bb.mean, std=bb.std)
     patch = resolve_patch(backbone, cfg.patch.kind, norm_stats=cfg.patch.norm_stats, model_name=bb.name)
+    mixing = make_mixing(cfg.task.get("mixing", "all"), seed=cfg.seed)
     datamodule = TaskDataModule(
         specs + kept,
         root=cfg.data.root,
@@ -183,6 +120,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         eval_batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers,
         train_tasks=[s.name for s in specs],
+        mixing=mixing,
     )
     datamodule.setup()
     heads = []
@@ -206,8 +144,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         mean=bb.mean,
         std=bb.std,
         train_shared=cfg.patch.train_shared,
-        mixing=cfg.task.get("mixing", "all"),
-        mix_seed=cfg.seed,
+        mixing=mixing,
         channels_last=cfg.get("channels_last", False),
         lean_backward=cfg.get("lean_backward", False),
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
@@ -225,7 +162,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
         device = "cuda" if on_gpu else "cpu"
         start = time.time()
-        model.to(device).cache_features(datamodule)
+        cache_features(datamodule, model.to(device))
         model.cpu()
         log.info(f"backbone features cached for every split ({time.time() - start:.1f}s): heads train on them")
     return datamodule, model
@@ -281,6 +218,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         with warnings.catch_warnings():
             # frozen normalization layers (norm_stats=frozen, a fixed backbone) are in eval mode on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            warnings.filterwarnings("ignore", message=NO_LAST_CHECKPOINT)  # a fresh run
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
     metrics = _floats(trainer.callback_metrics)
 
@@ -312,63 +250,6 @@ def checkpointing_kwargs(trainer_cfg: DictConfig, callbacks: list) -> dict[str, 
 
 def _floats(metrics: dict) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
-
-
-def make_results(
-    cfg: DictConfig, model: PatchModule, metrics: dict[str, float], *, wall_time_s: float, checkpoint: str = ""
-) -> dict:
-    """The ``results.json`` object (see docs/architecture.md for the contract)."""
-    counts = model.parameter_counts()
-    tasks = {}
-    for name, head in model.tasks.items():
-        tasks[name] = {
-            "test_acc": metrics.get(f"test/{name}/acc"),
-            "val_acc": metrics.get(f"val/{name}/acc"),
-            "num_classes": head.num_classes,
-            "params_patch": counts[f"{name}/patch"],
-            "params_head": counts[f"{name}/head"],
-            "train_size": head.spec.get("train_size"),
-            "train_samples": head.train_samples,
-            "frozen": name in model.frozen_tasks,
-        }
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
-    backbone = model.model.backbone
-    return {
-        "backbone": {
-            "name": backbone.name,
-            "width": backbone.width_mult,
-            "features": backbone.width,
-            "weights": backbone.weights_source,
-        },
-        "patch": model.patch.kind,
-        "norm_stats": model.patch.norm_stats,
-        "train_shared": model.model.train_shared,
-        "tasks": tasks,
-        "params": {
-            **{k: counts[k] for k in ("total", "trainable", "shared", "backbone", "separate_models")},
-            "ratio_vs_separate": round(counts["total"] / counts["separate_models"], 4),
-        },
-        "mixing": model.mixing,
-        "test_acc": metrics.get("test/acc"),
-        "val_acc": metrics.get("val/acc"),
-        "seed": cfg.seed,
-        "epochs": cfg.trainer.get("max_epochs"),
-        "wall_time_s": round(wall_time_s, 2),
-        "overrides": overrides,
-        "checkpoint": checkpoint,
-        "output_dir": str(cfg.paths.output_dir),
-    }
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def get_metric_value(metrics: dict[str, float], name: str | None) -> float | None:

@@ -1,0 +1,155 @@
+"""Mixed-task batches for serving: one backbone pass over a batch whose samples belong to different
+tasks, each sample through its own task's patch."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, vmap
+
+from modelpatch.patches import PatchedBackbone, is_depthwise
+
+
+def forward_mixed(model: PatchedBackbone, x: torch.Tensor, task_index: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+    """One pass over a batch whose samples belong to different tasks (inference only).
+
+    Sample ``i`` uses the patch of ``tasks[task_index[i]]``. When the patch holds only
+    BatchNorm and depthwise-convolution tensors (``bn``, ``dw``, statistics), a twin of the
+    backbone runs in which each patched BatchNorm is a per-sample scale and shift (computed
+    once per task, then gathered) and each patched depthwise convolution one grouped
+    convolution over all samples' channels. Any other patch runs the backbone vectorized over
+    samples (``torch.func.vmap``), several times slower.
+    """
+    if model.training:
+        raise RuntimeError("mixed-task batches are for inference: call .eval() first")
+    model.freeze_norm_layers()
+    per_task = [model.patches[t].tensors() for t in tasks]
+    if not per_task[0]:
+        return model.backbone(x)
+    stacked = {name: torch.stack([p[name] for p in per_task]) for name in per_task[0]}
+    twin = mixed_twin(model)
+    if twin is not None:
+        return functional_call(twin, _twin_tensors(twin, stacked, task_index), (x,), strict=False)
+
+    def one(tensors: dict[str, torch.Tensor], sample: torch.Tensor) -> torch.Tensor:
+        return functional_call(model.backbone, tensors, (sample.unsqueeze(0),), strict=False).squeeze(0)
+
+    return vmap(one)({name: t.index_select(0, task_index) for name, t in stacked.items()}, x)
+
+
+def mixed_twin(model: PatchedBackbone) -> nn.Module | None:
+    """The backbone with its patched layers replaced by per-sample ones, or ``None`` if the patch
+    holds tensors of layers that have no per-sample version (built once; shares all else)."""
+    if "_twin" not in model.__dict__:  # PatchedBackbone._apply drops it
+        modules = dict(model.backbone.named_modules())
+        owners = {name.rpartition(".")[0] for name in (*model.patch.params, *model.patch.buffers)}
+        fits = all(_mixable(modules[owner]) for owner in owners)
+        # in a list: the twin is not a submodule (no state dict entries, no .to() of its own)
+        model.__dict__["_twin"] = [_twin_of(model.backbone, owners) if fits else None]
+    return model.__dict__["_twin"][0]
+
+
+def _mixable(module: nn.Module) -> bool:
+    """Layers that have a per-sample version for ``forward_mixed``."""
+    if isinstance(module, nn.BatchNorm2d):
+        return module.running_mean is not None  # eval mode uses running statistics
+    return is_depthwise(module) and module.padding_mode == "zeros"
+
+
+def _twin_of(module: nn.Module, owners: set[str], prefix: str = "") -> nn.Module:
+    """A copy of the module tree in which the layers named in ``owners`` are per-sample versions;
+    subtrees without one are the original modules, shared."""
+    if prefix in owners:
+        return MixedBatchNorm(module) if isinstance(module, nn.BatchNorm2d) else MixedDepthwiseConv(module)
+    children = {name: _twin_of(child, owners, f"{prefix}.{name}" if prefix else name)
+                for name, child in module.named_children()}  # fmt: skip
+    if all(children[name] is child for name, child in module.named_children()):
+        return module
+    twin = copy.copy(module)
+    twin.__dict__.update(
+        _modules=children, _parameters=dict(module._parameters), _buffers=dict(module._buffers)
+    )  # own dicts: functional_call swaps tensors in the twin's, never in the original's
+    return twin
+
+
+def _twin_tensors(
+    twin: nn.Module, stacked: dict[str, torch.Tensor], task_index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The tensors each per-sample layer of ``twin`` needs for this batch, from each task's patch
+    tensors (``stacked``: name -> ``[K, ...]``) and the shared ones it does not patch."""
+    out = {}
+    for owner, layer in twin.named_modules():
+        if isinstance(layer, MixedBatchNorm):
+            bn = layer.source[0]
+
+            def get(attr: str, owner=owner, bn=bn) -> torch.Tensor | None:
+                return stacked.get(f"{owner}.{attr}", getattr(bn, attr))
+
+            scale = torch.rsqrt(get("running_var") + bn.eps)
+            if bn.weight is not None:
+                scale = get("weight") * scale
+            shift = -get("running_mean") * scale
+            if bn.bias is not None:
+                shift = shift + get("bias")
+            # [K, C] when a tensor of this layer is patched, [C] when all it uses here are shared
+            out[f"{owner}.scale"], out[f"{owner}.shift"] = _gather(scale, task_index), _gather(shift, task_index)
+        elif isinstance(layer, MixedDepthwiseConv):
+            for attr in ("weight", "bias"):
+                if f"{owner}.{attr}" in stacked:
+                    out[f"{owner}.{attr}"] = stacked[f"{owner}.{attr}"].index_select(0, task_index)
+    return out
+
+
+def _gather(t: torch.Tensor, task_index: torch.Tensor) -> torch.Tensor:
+    """Rows of a per-task ``[K, C]`` tensor for each sample; a shared ``[C]`` one as it is."""
+    return t.index_select(0, task_index) if t.dim() == 2 else t
+
+
+def _per_sample(t: torch.Tensor) -> torch.Tensor:
+    """``[C]`` (shared) or ``[N, C]`` (per sample) -> broadcastable over ``[N, C, H, W]``."""
+    return t.view(t.shape[0] if t.dim() == 2 else 1, -1, 1, 1)
+
+
+class MixedBatchNorm(nn.Module):
+    """Eval-mode ``BatchNorm2d`` as a per-sample ``x * scale + shift`` (``[N, C]`` each, one row per
+    sample, supplied through ``functional_call``; ``_twin_tensors`` computes them)."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.source = [bn]  # in a list: not a submodule
+        self.register_buffer("scale", torch.empty(0), persistent=False)
+        self.register_buffer("shift", torch.empty(0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(_per_sample(self.shift), x, _per_sample(self.scale))
+
+
+class MixedDepthwiseConv(nn.Module):
+    """A depthwise ``Conv2d`` whose kernel ``[N, C, 1, kh, kw]`` and bias ``[N, C]`` may be per sample:
+    one grouped convolution over the channels of all samples."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.source = [conv]  # in a list: not a submodule; its tensors are read at call time
+        # supplied through functional_call when patched; None: the shared conv's own
+        self.register_buffer("weight", None, persistent=False)
+        self.register_buffer("bias", None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.source[0]
+        weight = conv.weight if self.weight is None else self.weight
+        bias = conv.bias if self.bias is None else self.bias
+        if weight.dim() == 5:
+            n, c, h, w = x.shape
+            out = F.conv2d(
+                x.reshape(1, n * c, h, w), weight.flatten(0, 1), None, self.stride, self.padding,
+                self.dilation, n * self.groups,
+            )  # fmt: skip
+            out = out.view(n, -1, *out.shape[2:])
+        else:
+            out = F.conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return out if bias is None else out + _per_sample(bias)
