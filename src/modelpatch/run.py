@@ -23,6 +23,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from modelpatch.backbones import PRETRAINED, build_backbone, list_backbones
+from modelpatch.compiling import compile_backbone, compile_backend
+from modelpatch.console import quiet_lightning
 from modelpatch.launch import cluster_trainer_kwargs, threads_per_job
 from modelpatch.module import OptimConfig, PatchModule, TaskHead, load_tasks_from_checkpoint
 from modelpatch.patches import parse_kind, resolve_patch
@@ -32,6 +34,7 @@ from modelpatch.tasks import TaskDataModule, TaskSpec, task_specs
 from modelpatch.wandb_utils import setup_wandb
 
 log = logging.getLogger("modelpatch")
+quiet_lightning()
 
 
 class ConfigError(ValueError):
@@ -112,6 +115,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.backbone.name not in list_backbones():
         raise ConfigError(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(list_backbones())}")
     parse_kind(cfg.patch.kind)
+    compile_backend(cfg.get("compile"))
 
 
 def resume_path(cfg: DictConfig) -> str | None:
@@ -228,6 +232,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         model.to(device).cache_features(datamodule)
         model.cpu()
         log.info(f"backbone features cached for every split ({time.time() - start:.1f}s): heads train on them")
+    compile_backbone(model, compile_backend(cfg.get("compile")))
     return datamodule, model
 
 
@@ -243,7 +248,8 @@ def describe_params(model: PatchModule) -> str:
 
 
 def instantiate_dict(node: DictConfig | None) -> list:
-    return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+    built = [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+    return [b for b in built if b is not None]  # a factory may build nothing (callbacks.progress, bar off)
 
 
 @task_wrapper
@@ -254,6 +260,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         The logged metrics (floats) and the built objects.
     """
     start = time.time()
+    quiet_lightning()  # again: a caller's warnings.catch_warnings may have reset the filters since import
     threads = threads_per_job(cfg.get("threads"))
     if threads:
         torch.set_num_threads(threads)
