@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from modelpatch.pool import CPU, PoolConfigError, pool_places
 
-from .conftest import ROOT
+from .conftest import CONF, ROOT
 from .test_cli import CLI_TINY, train_py
 
 PROBE = ROOT / "tests" / "pool_probe.py"
@@ -146,3 +148,11 @@ def test_train_py_multirun_through_the_pool(tmp_path, data_dir):
         assert f"torch threads: {share}\n" in (sweep / str(num) / "train.log").read_text()
         output = (sweep / ".pool" / str(num) / "output.log").read_text()
         assert "\r" not in output and "epoch 1/1" in output  # no terminal: progress lines, no bar
+
+
+def test_local_launcher_has_no_hidden_time_limit():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=local"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert cfg.hydra.launcher.timeout_min >= 365 * 24 * 60  # submitit kills a local job after timeout_min
