@@ -5,7 +5,9 @@ import json
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 
+from modelpatch.console import ProgressLines, progress_bar
 from modelpatch.run import train
 
 from .test_cli import CLI_TINY, train_py
@@ -74,3 +76,11 @@ def test_bf16_trainer_config_trains(make_cfg):
     cfg = make_cfg(*DIGITS, "trainer=gpu_bf16", "trainer.accelerator=cpu", "patch=bn")
     metrics, objects = train(cfg)
     assert objects["trainer"].precision == "bf16-mixed" and metrics["test/digits/acc"] >= 0.0
+
+
+def test_progress_bar_choice():
+    assert progress_bar(enabled=False) is None
+    assert isinstance(progress_bar(lines=True), ProgressLines)
+    assert isinstance(progress_bar(lines=False), RichProgressBar)
+    with pytest.raises(ValueError, match=r"lines='sometimes'; choose auto, true or false"):
+        progress_bar(lines="sometimes")

@@ -2,7 +2,8 @@
 
 - :func:`progress_bar` (``callbacks.progress`` in ``conf/callbacks/default.yaml``): Lightning's bar when
   stderr is a terminal; otherwise (SLURM, CI, the GPU pool, a pipe) :class:`ProgressLines`, one log line
-  per epoch and per ``every_percent`` of a long epoch, so that log files hold no carriage returns.
+  per epoch and per ``every_percent`` of a long epoch, also written to the run's log (a bar without a
+  terminal shows nothing until an epoch ends, then box characters, or carriage returns for tqdm).
 - :func:`quiet_lightning`: drops Lightning's "Tip: ... litlogger / litmodels" advertisements and the
   deprecation warning Lightning's own code triggers in torch (``LeafSpec``) at every fit and test.
 """
@@ -14,7 +15,8 @@ import sys
 import time
 import warnings
 
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
 
 log = logging.getLogger("modelpatch")
 
@@ -83,14 +85,15 @@ class ProgressLines(ProgressBar):
 
 def progress_bar(enabled: bool = True, lines: bool | str = "auto", every_percent: int = 10) -> ProgressBar | None:
     """The run's progress display: ``None`` when ``trainer.enable_progress_bar`` is off; with ``lines=auto``
-    Lightning's bar on a terminal and :class:`ProgressLines` otherwise; ``lines=true`` / ``false`` force one."""
+    Lightning's default bar (rich, else tqdm) on a terminal and :class:`ProgressLines` otherwise;
+    ``lines=true`` / ``false`` force one."""
     if lines not in ("auto", True, False):
         raise ValueError(f"callbacks.progress.lines={lines!r}; choose auto, true or false")
     if not enabled:
         return None
     if lines is True or (lines == "auto" and not sys.stderr.isatty()):
         return ProgressLines(every_percent=every_percent)
-    return TQDMProgressBar()
+    return RichProgressBar() if _RICH_AVAILABLE else TQDMProgressBar()  # Lightning's own default
 
 
 class _DropLightningTips(logging.Filter):
