@@ -118,7 +118,7 @@ def main() -> None:
             f"task.train_size={args.train_size}",
             f"data.root={work / 'data'}",
             "trainer.max_epochs=1",
-            "+trainer.limit_val_batches=0",
+            "trainer.limit_val_batches=0",
             *trainer_overrides(device),
         ]
         cfg = compose_run_config(overrides, work / "run", work / "data")
@@ -168,7 +168,7 @@ def main() -> None:
     tab = md_table(["what", "seconds (median)", "images/s", "share of epoch"], rows)
     intro = (
         f"`modelpatch.run.build` on the composed config `backbone=mobilenet_v2 patch=bn task={TASK} "
-        f"task.train_size={args.train_size} trainer.max_epochs=1 +trainer.limit_val_batches=0` (batch {bs}: "
+        f"task.train_size={args.train_size} trainer.max_epochs=1 trainer.limit_val_batches=0` (batch {bs}: "
         f"{steps} steps). {rounds} interleaved round(s) in one process, each: one `Trainer.fit` epoch (timed from "
         f"`on_train_epoch_start` to `on_train_epoch_end`: data loading, `training_step` with its metrics and "
         f"logging, optimizer and LR-scheduler steps, hooks), the same number of steps in a plain loop "

@@ -90,7 +90,7 @@ def one_run(cache: bool, epochs: int, device: str, work: Path, weights: Path) ->
         f"data.cache_features={str(cache).lower()}",
         f"data.root={work / 'data'}",
         f"trainer.max_epochs={epochs}",
-        "+trainer.limit_val_batches=0",
+        "trainer.limit_val_batches=0",
         *trainer_overrides(device),
     ]
     cfg = compose_run_config(overrides, work / f"run-cache-{cache}", work / "data")
@@ -203,7 +203,7 @@ def main() -> None:
     intro = (
         f"`modelpatch.run.build` on the composed config `backbone=mobilenet_v2 backbone.weights=<file> "
         f"patch=logits task=fmnist_b "
-        f"task.train_size={TRAIN_SIZE} +trainer.limit_val_batches=0` (batch 128: {steps} steps per epoch), with "
+        f"task.train_size={TRAIN_SIZE} trainer.limit_val_batches=0` (batch 128: {steps} steps per epoch), with "
         f"`data.cache_features=true` or `false`; Lightning `Trainer.fit` for {epochs} epochs, then "
         f"`Trainer.test` on the {n_test:,} test images. {repeats} pair(s) of runs in one process (order "
         f"cached, uncached{', uncached, cached' if repeats > 1 else ''}), same seed. Epoch time = "

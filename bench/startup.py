@@ -39,8 +39,8 @@ TARGET_S = 10.0
 
 TRAIN_ARGS = [
     "task=digits",
-    "+trainer.max_steps=1",
-    "+trainer.limit_val_batches=0",
+    "trainer.max_steps=1",
+    "trainer.limit_val_batches=0",
     "test=false",
     "logger=none",
     "callbacks=none",

@@ -64,9 +64,12 @@ def layout(channels_last: bool) -> str:
 class Case:
     """One model (backbone + patch kind) with its optimizer and a fixed batch."""
 
-    def __init__(self, name: str, kind: str, size: int, device: str, channels_last: bool = True):
+    def __init__(
+        self, name: str, kind: str, size: int, device: str, channels_last: bool = True, *, width: float = 1.0,
+        batch: int = BATCH,
+    ):  # fmt: skip
         torch.manual_seed(0)
-        backbone = build_backbone(name)
+        backbone = build_backbone(name, width=width)
         kind, _, lean = kind.partition("!")
         kind, _, stats = kind.partition("@")
         stats = stats or ("frozen" if kind == "logits" else "task")
@@ -76,8 +79,8 @@ class Case:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
         gen = torch.Generator().manual_seed(1)
-        self.images = torch.randint(0, 256, (BATCH, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
-        self.labels = torch.randint(0, 10, (BATCH,), generator=gen).to(device)
+        self.images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen).to(device)
+        self.labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
         self.device = device
         self.times: list[float] = []
 

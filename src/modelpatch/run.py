@@ -29,7 +29,9 @@ from modelpatch.checkpoints import (
     resume_path,
     write_json,
 )
+from modelpatch.compiling import compile_backbone, compile_backend
 from modelpatch.config import ConfigError
+from modelpatch.console import quiet_lightning
 from modelpatch.data import TaskDataModule, TaskSpec, make_mixing, task_specs
 from modelpatch.data.features import cache_features
 from modelpatch.launch import cluster_trainer_kwargs, threads_per_job
@@ -39,6 +41,7 @@ from modelpatch.serving import export_patches, load_patched_model, read_patch_fi
 from modelpatch.wandb_utils import setup_wandb
 
 log = logging.getLogger("modelpatch")
+quiet_lightning()
 
 
 def task_wrapper(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
@@ -90,6 +93,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.backbone.name not in list_backbones():
         raise ConfigError(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(list_backbones())}")
     parse_kind(cfg.patch.kind)
+    compile_backend(cfg.get("compile"))
 
 
 def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
@@ -165,6 +169,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         cache_features(datamodule, model.to(device))
         model.cpu()
         log.info(f"backbone features cached for every split ({time.time() - start:.1f}s): heads train on them")
+    compile_backbone(model, compile_backend(cfg.get("compile")))
     return datamodule, model
 
 
@@ -180,7 +185,8 @@ def describe_params(model: PatchModule) -> str:
 
 
 def instantiate_dict(node: DictConfig | None) -> list:
-    return [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+    built = [hydra.utils.instantiate(v) for v in (node or {}).values() if v is not None and "_target_" in v]
+    return [b for b in built if b is not None]  # a factory may build nothing (callbacks.progress, bar off)
 
 
 @task_wrapper
@@ -191,6 +197,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         The logged metrics (floats) and the built objects.
     """
     start = time.time()
+    quiet_lightning()  # again: a caller's warnings.catch_warnings may have reset the filters since import
     threads = threads_per_job(cfg.get("threads"))
     if threads:
         torch.set_num_threads(threads)
