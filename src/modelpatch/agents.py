@@ -76,6 +76,7 @@ def submit(script: Path, wait: bool = False) -> str:
     except FileNotFoundError as err:
         raise RuntimeError("sbatch not found: run this on a SLURM login node (or start a local cluster)") from err
     job = proc.stdout.strip().split(";")[0]
-    if proc.returncode != 0 and not (wait and job):
-        raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    if proc.returncode != 0:
+        what = f"job {job}: an agent ended with an error" if wait and job else "sbatch failed"
+        raise RuntimeError(f"{what} ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
     return job
