@@ -20,6 +20,7 @@ from modelpatch.sweep import (
     metric_value,
     read_runs,
     read_sweep,
+    seed_engine,
 )
 
 from .test_cli import CLI_TINY, train_py
@@ -67,7 +68,7 @@ def test_bayes_follows_the_metric_it_is_fed(tmp_path):
     the same, then it moves towards what the results said."""
 
     def sweep(name: str, sign: int) -> list[float]:
-        np.random.seed(0)
+        seed_engine(0)
         folder = tmp_path / name
         init_sweep(folder, BAYES)
         objective = lambda p: sign * -((math.log10(p["optim.patch_lr"]) + 1.5) ** 2)  # noqa: E731
@@ -78,6 +79,21 @@ def test_bayes_follows_the_metric_it_is_fed(tmp_path):
     assert best[:3] == worst[:3] and best[3:] != worst[3:]
     distance = lambda lrs: np.mean([abs(math.log10(lr) + 1.5) for lr in lrs[4:]])  # noqa: E731
     assert distance(best) < distance(worst)
+
+
+def test_training_runs_in_the_same_process_do_not_replay_the_engine(tmp_path):
+    """A serial launcher trains in the driver's process, and each run reseeds numpy (seed_everything):
+    the engine keeps drawing new points all the same."""
+    folder = tmp_path / "s"
+    init_sweep(folder, {**BAYES, "method": "random"})
+    launch = fake_launch(folder, lambda p: 0.5)
+
+    def reseeding_launch(batch, first):
+        np.random.seed(0)  # what train.py's seed_everything(0) does
+        return launch(batch, first)
+
+    drive(folder, reseeding_launch, {"patch"}, count=4)
+    assert len(set(suggested_lrs(folder))) == 4
 
 
 def test_grid_runs_each_point_once_and_a_folder_keeps_its_sweep(tmp_path):
@@ -128,7 +144,7 @@ def test_metric_names_map_to_results_json():
 def test_bad_sweep_file_is_refused_with_the_reason(tmp_path):
     with pytest.raises(SweepError, match="not a valid W&B sweep"):
         load_sweep_file(write_sweep(tmp_path, {"method": "bogus", "parameters": {"patch": {"values": [1]}}}))
-    with pytest.raises(SweepError, match=r"not found; the sweep files are in sweeps/: lr_per_patch.yaml"):
+    with pytest.raises(SweepError, match=r"not found; the sweep files are in sweeps/: embedded_bayes.yaml, lr_per_patch.yaml"):
         load_sweep_file(tmp_path / "missing.yaml")
 
 

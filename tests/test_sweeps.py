@@ -35,7 +35,7 @@ with warnings.catch_warnings():  # sweeps 0.3 sets a pydantic-1 config key that 
 
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
 AGENT_COMMAND = ["${env}", "${interpreter}", "-m", "modelpatch.sweep", "run", "${program}", "${args_json}"]
-GROUP_KEYS = {"patch": "patch.kind", "backbone": "backbone.name", "task": "task.name"}
+GROUP_KEYS = {"patch": "patch.kind", "backbone": "backbone.name", "task": "task.name", "optim": "optim.name"}
 
 
 def expand(config: dict) -> list[dict[str, dict]]:
@@ -48,7 +48,7 @@ def expand(config: dict) -> list[dict[str, dict]]:
             break
         run.state = sweeps.RunState.finished
         runs.append(run)
-    return [run.config for run in runs]
+    return [json.loads(json.dumps(run.config)) for run in runs]  # as the server sends them: JSON
 
 
 def agent_command(config: dict, args: dict[str, dict], monkeypatch, tmp_path) -> list[str]:

@@ -80,9 +80,10 @@ def plot_multitask(entries: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     groups = sorted({e["tasks"] for e in entries if e["mean_acc"] is not None})
-    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(6.5 * max(1, len(groups)), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(9 * max(1, len(groups)), 4.6), squeeze=False)
     markers = "s^vDP*Xph"
     for ax, tasks in zip(axes[0], groups, strict=False):
         sub = [e for e in entries if e["tasks"] == tasks and e["mean_acc"] is not None]
@@ -92,18 +93,23 @@ def plot_multitask(entries: list[dict], path: Path) -> None:
             for j, t in enumerate(tasks):
                 ax.errorbar(
                     [e["params"]], [e["accs"][t]], yerr=[e["stds"][t] or 0.0], fmt=markers[j % len(markers)],
-                    color=color, ms=5, alpha=0.75, capsize=2, zorder=3, label=t if i == 0 else None,
+                    color=color, ms=5, alpha=0.75, capsize=2, zorder=3,
                 )  # fmt: skip
             ax.annotate(
                 e["model"], (e["params"], e["mean_acc"]), textcoords="offset points", xytext=(8, -3), fontsize=8
             )
+        for j, t in enumerate(tasks):  # one legend entry per task marker, whatever the model's colour
+            ax.scatter([], [], marker=markers[j % len(markers)], color="0.4", s=20, label=t)
         ax.set_xscale("log")
+        millions = FuncFormatter(lambda x, _: f"{x / 1e6:g}M")
+        ax.xaxis.set_major_formatter(millions)
+        ax.xaxis.set_minor_formatter(millions)
         ax.margins(x=0.35, y=0.1)
         ax.set_xlabel(f"parameters to serve all {len(tasks)} tasks")
         ax.set_ylabel("test accuracy (large: mean over tasks)")
         ax.set_title(f"{len(tasks)} tasks: one model with patches vs separate models", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never over a point
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -31,12 +31,13 @@ from typing import Any
 
 import yaml
 
+from modelpatch.report import RESULTS_FILE
+
 log = logging.getLogger("modelpatch")
 
 SWEEP_FILE = "sweep.json"
 RUN_FILE = "sweep_run.json"
 LOCK_FILE = ".sweep.lock"
-RESULTS_FILE = "results.json"  # train.py's (modelpatch.report.RESULTS_FILE), without importing torch
 
 
 class SweepError(ValueError):
@@ -227,6 +228,33 @@ def read_runs(folder: Path, sweep: dict) -> list:
     return runs
 
 
+_ENGINE_STATE: dict[str, Any] = {}
+
+
+def seed_engine(seed: int | None) -> None:
+    """Seed the engine's own random numbers (``None``: from the OS)."""
+    import numpy as np
+
+    _ENGINE_STATE["state"] = np.random.RandomState(seed).get_state()
+
+
+@contextmanager
+def engine_random() -> Iterator[None]:
+    """The engine draws from numpy's global generator, which a training run in this process reseeds
+    (``seed_everything``): without its own state, a serial sweep would be offered the same points again."""
+    import numpy as np
+
+    if "state" not in _ENGINE_STATE:
+        seed_engine(None)
+    outer = np.random.get_state()
+    np.random.set_state(_ENGINE_STATE["state"])
+    try:
+        yield
+    finally:
+        _ENGINE_STATE["state"] = np.random.get_state()
+        np.random.set_state(outer)
+
+
 def _who() -> dict:
     slurm = {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID") if k in os.environ}
     return {"host": socket.gethostname(), "pid": os.getpid(), **slurm}
@@ -246,12 +274,14 @@ def claim(folder: Path, n: int, limit: int | None = None) -> list[tuple[int, dic
         n = n if limit is None else min(n, limit - len(runs))
         if n <= 0:
             return []
-        suggested = [s for s in engine.next_runs(sweep, runs, validate=True, n=n) if s is not None]
+        with engine_random():
+            suggested = [s for s in engine.next_runs(sweep, runs, validate=True, n=n) if s is not None]
         first = max(run_numbers(folder), default=-1) + 1
         claimed = []
         for num, run in enumerate(suggested, start=first):
-            _write_json(folder / str(num) / RUN_FILE, {"config": run.config, "state": "running", "by": _who()})
-            claimed.append((num, {k: v["value"] for k, v in run.config.items()}))
+            config = json.loads(json.dumps(run.config, default=lambda x: x.item()))  # numpy scalars as numbers
+            _write_json(folder / str(num) / RUN_FILE, {"config": config, "state": "running", "by": _who()})
+            claimed.append((num, {k: v["value"] for k, v in config.items()}))
     return claimed
 
 
