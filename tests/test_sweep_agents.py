@@ -72,3 +72,22 @@ def test_a_sweep_id_takes_no_overrides_and_a_bad_target_is_named(tmp_path):
     assert proc.returncode == 2 and "take their overrides from the sweep file" in proc.stderr
     proc = sweep_cli("agents", "--agents", "1", "--dry-run", "--dir", str(tmp_path), "no such/file.yaml")
     assert proc.returncode == 2 and "'no such/file.yaml' is neither a sweep folder nor a W&B sweep id" in proc.stderr
+
+
+@pytest.mark.timeout(420)
+def test_server_less_sweep_through_the_slurm_launcher(slurm, tmp_path, data_dir, wandb_env):  # noqa: F811
+    """hydra/sweeper=wandb with hydra/launcher=slurm: each batch of the engine's runs is a SLURM array job."""
+    sweep = slurm
+    args = [*CLI_TINY, "hydra/sweeper=wandb", f"hydra.sweeper.sweep={write_sweep(tmp_path, BAYES)}"]
+    args += ["hydra.sweeper.count=3", "hydra.sweeper.batch_size=2", "hydra/launcher=slurm"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", *args, f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_dir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = read_runs(sweep, read_sweep(sweep)["sweep"])
+    assert [r.state for r in runs] == ["finished"] * 3 and all("val/acc" in r.summary_metrics for r in runs)
+    arrays = sorted(p.name for p in (sweep / ".submitit").iterdir() if p.name.isdigit())
+    assert len(arrays) == 2  # a batch of two runs, then one
+    for r in runs:
+        assert "submitit requeues it" in (sweep / r.name / "train.log").read_text()  # it ran inside SLURM
