@@ -22,9 +22,12 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf.errors import InterpolationResolutionError
 
 import modelpatch.launch  # noqa: F401  (registers the mp.* resolvers the launcher configs use)
+from modelpatch.wandb_utils import stable_run_id
 
 from .conftest import CONF, ROOT
 from .test_cli import CLI_TINY
+from .test_wandb import wandb_env  # noqa: F401  (offline W&B, its folders under a temporary folder)
+from .wandb_offline import read_offline_run
 
 START_CLUSTER = "start the local cluster (as root): bash scripts/slurm-local.sh"
 NODE_IDLE_TIMEOUT_S = 120
@@ -103,9 +106,10 @@ def wait_for(path: Path, driver: subprocess.Popen, timeout: float) -> None:
 
 
 @pytest.mark.timeout(480)
-def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slurm, tmp_path, data_dir):
+def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slurm, tmp_path, data_dir, wandb_env):  # noqa: F811
     """Job 0 gets submitit's signal (SIGUSR2, as before a time limit or on preemption) after its first
-    checkpoint; submitit requeues it, and the new attempt resumes from last.ckpt. Job 1 runs undisturbed."""
+    checkpoint; submitit requeues it, and the new attempt resumes from last.ckpt and continues its W&B run
+    (offline: both attempts under the same run id). Job 1 runs undisturbed."""
     sweep = slurm
     epochs, steps_per_epoch = 4, 3
     replaced = ("trainer.max_epochs", "trainer.limit_train_batches")
@@ -118,6 +122,7 @@ def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slur
         "+callbacks.pace.seconds_per_step=0.5",
         "+callbacks.pace.out=${paths.output_dir}",
         "seed=0,1",
+        "logger=wandb",
         f"hydra.sweep.dir={sweep}",
         f"paths.data_dir={data_dir}",
     ]
@@ -150,6 +155,12 @@ def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slur
         ckpt = torch.load(sweep / str(num) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == total, (num, ckpt["global_step"])
         assert json.loads((sweep / str(num) / "results.json").read_text())["test_acc"] is not None
+    attempts = {num: sorted((sweep / str(num) / "wandb").glob("offline-run-*")) for num in (0, 1)}
+    ids = {num: [p.name.rsplit("-", 1)[1] for p in runs] for num, runs in attempts.items()}
+    assert ids == {0: [stable_run_id(str(sweep / "0"))] * 2, 1: [stable_run_id(str(sweep / "1"))]}, ids
+    steps = [[r["trainer/global_step"] for r in read_offline_run(p).history if "val/acc" in r] for p in attempts[0]]
+    # the second attempt logs on from the resumed step (the first may have been stopped before validating)
+    assert steps[1] and min(steps[1]) > 0 and max(steps[1]) == total - 1 and max(steps[0], default=-1) < min(steps[1])
 
 
 def launcher_cfg(*overrides: str):

@@ -1,11 +1,16 @@
-"""Sweeps: the W&B sweep files (validated and expanded offline, every run composed through Hydra), the
-Optuna search through the command line, and a sweep over an option that does not exist."""
+"""Sweeps: the W&B sweep files (each run's command line built by W&B's own agent code and composed by
+train.py's Hydra parser), the Optuna search through the command line, and a sweep over an option that
+does not exist."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import yaml
@@ -19,6 +24,7 @@ from modelpatch.backbones import build_backbone
 from modelpatch.launch import check_group_choices
 from modelpatch.patches import resolve_patch
 from modelpatch.run import check_config
+from modelpatch.sweep import flatten, program_command
 
 from .conftest import CONF, ROOT
 from .test_cli import CLI_TINY, train_py
@@ -28,12 +34,12 @@ with warnings.catch_warnings():  # sweeps 0.3 sets a pydantic-1 config key that 
     import sweeps
 
 SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
-HYDRA_COMMAND = ["${env}", "${interpreter}", "train.py", "${args_no_hyphens}"]
-GROUP_KEYS = {"patch": "patch.kind", "backbone": "backbone.name", "task": "task.name"}
+AGENT_COMMAND = ["${env}", "${interpreter}", "-m", "modelpatch.sweep", "run", "${program}", "${args_json}"]
+GROUP_KEYS = {"patch": "patch.kind", "backbone": "backbone.name", "task": "task.name", "optim": "optim.name"}
 
 
-def expand(config: dict) -> list[dict[str, object]]:
-    """Every run of a grid sweep (8 draws of any other method), as {parameter: value}."""
+def expand(config: dict) -> list[dict[str, dict]]:
+    """Every run of a grid sweep (8 draws of any other method) as W&B's engine suggests it."""
     config = sweeps.SweepConfig(config)
     runs = []
     while config["method"] == "grid" or len(runs) < 8:
@@ -42,7 +48,49 @@ def expand(config: dict) -> list[dict[str, object]]:
             break
         run.state = sweeps.RunState.finished
         runs.append(run)
-    return [{k: v["value"] for k, v in run.config.items()} for run in runs]
+    return [json.loads(json.dumps(run.config)) for run in runs]  # as the server sends them: JSON
+
+
+def agent_command(config: dict, args: dict[str, dict], monkeypatch, tmp_path) -> list[str]:
+    """The command line ``wandb agent`` starts for a run with these ``args`` ({name: {"value": v}}, as the
+    server sends them): W&B's own ``Agent._command_run``, with the process it would start captured."""
+    from wandb import wandb_agent
+
+    started = []
+
+    class Started:  # what the agent would start: only its command line is kept
+        def __init__(self, command=None, **_):
+            started.append(command)
+
+    monkeypatch.setattr(wandb_agent, "AgentProcess", Started)
+    for key in ("WANDB_SWEEP_ID", "WANDB_RUN_ID", "WANDB_SWEEP_PARAM_PATH"):
+        monkeypatch.setenv(key, "")  # restored afterwards; _command_run sets them
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    agent = wandb_agent.Agent(api=None, queue=None, sweep_id="sweep0")
+    agent._sweep_command = config.get("command") or wandb_agent.Agent.DEFAULT_SWEEP_COMMAND
+    agent._command_run({"run_id": f"run{len(started)}", "program": config["program"], "args": args})
+    (command,) = started
+    return command
+
+
+def run_argv(command: list[str]) -> list[str]:
+    """train.py's command line from an agent's command (``python -m modelpatch.sweep run ...``)."""
+    assert command[:5] == ["/usr/bin/env", "python", "-m", "modelpatch.sweep", "run"], command
+    program, args_json, *extra = command[5:]
+    return program_command(program, json.loads(args_json), extra)
+
+
+def compose_argv(argv: list[str], tmp_path):
+    """``train.py``'s config for these overrides, composed by Hydra as ``train.py`` composes it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=argv, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)
+        cfg.hydra.runtime.cwd = str(ROOT)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation works
+    return cfg
 
 
 def test_the_sweep_files_are_there():
@@ -50,40 +98,92 @@ def test_the_sweep_files_are_there():
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
-def test_wandb_sweep_is_valid_and_each_run_composes(path, tmp_path):
+def test_wandb_sweep_is_valid_and_each_agent_command_composes(path, tmp_path, monkeypatch):
+    """Each run of each sweep file, as ``wandb agent`` would start it, through train.py's Hydra parser."""
     config = yaml.safe_load(path.read_text())
     assert sweeps.schema_violations_from_proposed_config(config) == []
-    assert config["command"] == HYDRA_COMMAND and config["program"] == "train.py"
+    assert config["command"] == AGENT_COMMAND and config["program"] == "train.py"
     runs = expand(config)
     if config["method"] == "grid":
         sizes = [len(p["values"]) for p in config["parameters"].values() if "values" in p]
-        assert len(runs) == math.prod(sizes) and len({tuple(sorted(r.items())) for r in runs}) == len(runs)
+        assert len(runs) == math.prod(sizes) and len({json.dumps(r, sort_keys=True) for r in runs}) == len(runs)
 
     backbones, pairs = {}, set()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        for run in runs:
-            overrides = [f"{k}={v}" for k, v in run.items()]  # what ${args_no_hyphens} passes to train.py
-            cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
-            with open_dict(cfg):
-                cfg.hydra.runtime.output_dir = str(tmp_path)
-                cfg.hydra.runtime.cwd = str(ROOT)
-                cfg.hydra.job.num = 0
-            HydraConfig().set_config(cfg)
-            resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation works
-            for key, value in run.items():
-                if key == "logger":
-                    assert value in resolved["logger"], overrides
-                else:
-                    assert OmegaConf.select(cfg, GROUP_KEYS.get(key, key)) == value, (key, overrides)
-            check_config(cfg)
-            pairs.add((cfg.backbone.name, cfg.patch.kind, cfg.patch.norm_stats))
-            backbones.setdefault(cfg.backbone.name, cfg.backbone)
+    monkeypatch.chdir(ROOT)  # the agent runs in the repository root
+    for run in runs:
+        argv = run_argv(agent_command(config, run, monkeypatch, tmp_path))
+        assert argv[:2] == [sys.executable, "train.py"]
+        cfg = compose_argv(argv[2:], tmp_path)
+        for key, value in run.items():
+            if key == "logger":
+                assert value["value"] in cfg.logger, argv
+            else:
+                assert OmegaConf.select(cfg, GROUP_KEYS.get(key, key)) == value["value"], (key, argv)
+        check_config(cfg)
+        pairs.add((cfg.backbone.name, cfg.patch.kind, cfg.patch.norm_stats))
+        backbones.setdefault(cfg.backbone.name, cfg.backbone)
     GlobalHydra.instance().clear()
     # the patch selects something on each backbone it is swept on (random init: no download)
     built = {n: build_backbone(n, weights=None, width=b.width, mean=b.mean, std=b.std) for n, b in backbones.items()}
     for name, kind, norm_stats in sorted(pairs):
         resolve_patch(built[name], kind, norm_stats=norm_stats, model_name=name)
+
+
+# Values Hydra's parser reads differently from what W&B's own ${args_no_hyphens} writes (None, new keys,
+# quotes), or only when written its way (booleans, lists, '+', floats in exponent form, nested parameters).
+AWKWARD = {
+    "patch": "bn+dw",
+    "backbone.weights": None,
+    "patch.train_shared": True,
+    "channels_last": False,
+    "task": "multi",
+    "task.tasks": ["fmnist_a", "digits"],
+    "optim.patch_lr": 1e-05,
+    "optim": {"head_lr": 0.25, "momentum": 0.5},
+    "trainer.max_steps": 7,
+    "tags": ["it's", "a b", "null", "1"],
+    "extras.note": "x=1, y: [2]",
+}
+
+
+def test_awkward_parameters_reach_train_py_as_the_same_values(tmp_path, monkeypatch):
+    config = {"program": "train.py", "command": AGENT_COMMAND, "method": "grid"}
+    args = {k: {"value": v} for k, v in AWKWARD.items()}
+    monkeypatch.chdir(ROOT)
+    cfg = compose_argv(run_argv(agent_command(config, args, monkeypatch, tmp_path))[2:], tmp_path)
+    got = {key: OmegaConf.select(cfg, GROUP_KEYS.get(key, key)) for key in flatten(AWKWARD)}
+    got = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()}
+    assert got == flatten(AWKWARD)
+    assert cfg.backbone.weights is None and cfg.patch.train_shared is True and cfg.channels_last is False
+    GlobalHydra.instance().clear()
+
+
+def test_wandb_args_no_hyphens_gets_none_wrong(tmp_path, monkeypatch):
+    """Why the sweep files do not use W&B's ${args_no_hyphens}: Hydra reads its None as the string 'None'."""
+    config = {"program": "train.py", "command": ["${env}", "${interpreter}", "${program}", "${args_no_hyphens}"]}
+    command = agent_command(config, {"backbone.weights": {"value": None}}, monkeypatch, tmp_path)
+    assert command[3:] == ["backbone.weights=None"]
+    assert compose_argv(command[3:], tmp_path).backbone.weights == "None"
+    GlobalHydra.instance().clear()
+
+
+def test_a_sweep_file_runs_as_wandb_agent_starts_it(tmp_path, data_dir, monkeypatch):
+    """One run of sweeps/patch_x_task.yaml: the agent's command itself (with `python` on PATH being this
+    environment's, as in an activated venv), plus the tiny-run overrides."""
+    config = yaml.safe_load((ROOT / "sweeps" / "patch_x_task.yaml").read_text())
+    run = {"patch": {"value": "bn+dw"}, "task": {"value": "digits"}, "logger": {"value": "csv"}}
+    run |= {"backbone.weights": {"value": None}}  # no download here
+    command = agent_command(config, run, monkeypatch, tmp_path)
+    out = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    tiny = [*CLI_TINY, f"hydra.run.dir={out}", f"paths.data_dir={data_dir}"]
+    proc = subprocess.run([*command, *tiny], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["patch"] == "bn+dw" and results["backbone"]["weights"] == "random"
+    assert yaml.safe_load((out / "config.yaml").read_text())["backbone"]["weights"] is None
+    assert {"patch=bn+dw", "++backbone.weights=null", "logger=csv"} <= set(results["overrides"])
 
 
 def test_optuna_search_runs_its_trials_and_records_the_best(tmp_path, data_dir):

@@ -65,7 +65,10 @@ def _close_wandb() -> None:
     wandb = sys.modules.get("wandb")  # a run that never imported wandb has nothing to close
     if wandb is not None and wandb.run is not None:
         log.info("closing wandb")
-        wandb.finish()
+        try:
+            wandb.finish()
+        except Exception as err:  # its service was killed with the job (SLURM requeue, scancel): keep the real exit
+            log.warning(f"W&B run not closed ({type(err).__name__}: {err}); what it logged is in its run folder")
 
 
 def extras(cfg: DictConfig) -> None:

@@ -1,15 +1,35 @@
 """Weights & Biases specifics: best-so-far summaries for a training run, and the report as a W&B run.
 
-``wandb`` is imported only here and only when used (it is an optional dependency: ``.[cluster]``).
+``wandb`` is imported only here and only when used (it is an optional dependency: ``.[cluster]``). Registers the
+resolver ``${mp.wandb_run_id:<output dir>,<resume>}`` (``conf/logger/wandb.yaml``'s run id).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 SUMMARY_MAX = ("val/acc",)
+
+
+def stable_run_id(output_dir: str, resume: Any = True) -> str | None:
+    """The W&B run id of the run in ``output_dir``: the same each time the run starts there (a requeued SLURM
+    job, a rerun that resumes from its checkpoint), so that W&B continues it (``resume="allow"``) instead of
+    starting another run. Under ``wandb agent``, the agent's id; with ``resume=false``, ``None`` (a new run)."""
+    if os.environ.get("WANDB_RUN_ID"):
+        return os.environ["WANDB_RUN_ID"]
+    if str(resume).lower() in ("false", "none"):
+        return None
+    return hashlib.sha256(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+
+
+if not OmegaConf.has_resolver("mp.wandb_run_id"):
+    OmegaConf.register_new_resolver("mp.wandb_run_id", stable_run_id)
 
 
 def wandb_loggers(loggers: Iterable[Any]) -> list:
