@@ -7,7 +7,8 @@ import torch
 from omegaconf import open_dict
 
 from modelpatch.backbones import BackboneError
-from modelpatch.patches import LeanConv2d, PatchError
+from modelpatch.memory import LeanConv2d
+from modelpatch.patches import PatchError
 from modelpatch.run import ConfigError, build, train
 from modelpatch.tasks import DatasetMissingError, TaskError
 

@@ -120,7 +120,7 @@ class PatchModule(L.LightningModule):
             training of MobileNets on CPU (docs/benchmarks.md); the numbers are the same up to
             float rounding.
         lean_backward: frozen convolutions keep only their weight for backward, not their input
-            (``patches.LeanConv2d``): about a third less activation memory for ``bn`` patches.
+            (``memory.LeanConv2d``): about a third less activation memory for ``bn`` patches.
         meta: plain data saved as hyper-parameters (the run's config), for the record.
     """
 
