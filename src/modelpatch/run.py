@@ -209,7 +209,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         mixing=cfg.task.get("mixing", "all"),
         mix_seed=cfg.seed,
         channels_last=cfg.get("channels_last", False),
-        lean_backward=cfg.get("lean_backward", False),
+        lean_backward=cfg.get("lean_backward", True),
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
     if init is not None:
