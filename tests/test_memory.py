@@ -179,3 +179,14 @@ def test_memory_savers_keep_the_state_dict():
     after = bb.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert any(isinstance(m, LeanReLU6) for m in bb.modules())
+
+
+def test_savers_step_aside_under_vmap():
+    """``forward_mixed`` runs other patches under ``torch.func.vmap``, which custom backward
+    functions do not support: there the plain layers run, even with gradients enabled."""
+    bb = backbone("mobilenet_v2")
+    model = PatchModule(bb, resolve_patch(bb, "bias"), [TaskHead("a", 3), TaskHead("b", 3)])
+    model.eval().model._twin = [None]  # no per-sample twin: the vmap path
+    images = torch.rand(4, 3, 32, 32)
+    mixed = model.model.forward_mixed(images, torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    torch.testing.assert_close(mixed[:1], model.model(images[:1], "a"), rtol=1e-4, atol=1e-5)

@@ -1,6 +1,5 @@
 """The patch vocabulary: what each kind selects, composition, errors, per-task copies."""
 
-
 import pytest
 import torch
 from torch import nn

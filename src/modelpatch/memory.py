@@ -57,8 +57,10 @@ class _FrozenConv2d(torch.autograd.Function):
         return grad_input, None, grad_bias, None, None, None, None
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+def _recording() -> bool:
+    """Whether autograd records this forward for a backward of its own (not under ``vmap`` and the
+    like, whose transforms the savers' custom backward functions do not support)."""
+    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
 
 
 class LeanConv2d(nn.Conv2d):
@@ -67,7 +69,7 @@ class LeanConv2d(nn.Conv2d):
     the plain convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (torch.is_grad_enabled() and _conv_is_lean(self)):
+        if not (_recording() and _conv_is_lean(self)):
             return super().forward(x)
         return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -118,7 +120,7 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lean = (
-            torch.is_grad_enabled() and not self.training and self.running_mean is not None
+            _recording() and not self.training and self.running_mean is not None
             and x.device.type == "cpu" and x.dim() == 4
             and (self.weight is None or not self.weight.requires_grad)
         )  # fmt: skip
@@ -171,7 +173,7 @@ class _MaskIfOutputFree:
 
     def _mask(self, x: torch.Tensor) -> bool:
         return (
-            torch.is_grad_enabled() and x.requires_grad and self._consumers is not None
+            _recording() and x.requires_grad and self._consumers is not None
             and not any(_keeps_input(m) for m in self._consumers)
         )  # fmt: skip
 
