@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 start=$SECONDS
-for script in step_time feature_cache data_overhead startup serving; do
+for script in step_time max_batch feature_cache data_overhead startup serving; do
     echo "=== bench/$script.py $* ($(date +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
     "$PYTHON" "bench/$script.py" "$@"
 done
