@@ -11,8 +11,9 @@ docs/benchmarks.md):
   With a frozen weight it keeps no input (``LeanBatchNorm2d``). With statistics of the batch
   (train mode) every gradient reads the normalized input: the input stays.
 - ReLU / ReLU6: the gradient reads only where the output was clipped; a 1-byte mask replaces the
-  4-byte output (``LeanReLU``, ``LeanReLU6``), unless a consumer keeps that output anyway (a
-  convolution whose weight trains), then the mask would be extra and the plain op runs.
+  4-byte tensor PyTorch saves (``LeanReLU``, ``LeanReLU6``): ``relu`` saves its output,
+  ``hardtanh`` its input (in place: a copy of it). Where another layer keeps that tensor anyway (a
+  convolution whose weight trains reads a ReLU's output) the mask would be extra: the plain op runs.
 - Hardswish, SiLU, GELU, sigmoid, LayerNorm: their gradients read the float input; kept.
 
 Each saver calls the aten ops PyTorch's own backward calls, on the same tensors, except the input
@@ -166,8 +167,9 @@ class _MaskedClamp(torch.autograd.Function):
 
 
 class _MaskIfOutputFree:
-    """Mixin of ``LeanReLU``/``LeanReLU6``: a mask instead of the output while no consumer of the
-    output keeps it (``_consumers``, set by ``use_memory_savers``; ``None``: unknown, plain op)."""
+    """Mixin of ``LeanReLU``/``LeanReLU6``: a mask instead of the tensor the plain op saves while no
+    other layer keeps that tensor (``_consumers``, set by ``use_memory_savers``; ``None``: unknown,
+    plain op)."""
 
     _consumers: tuple[nn.Module, ...] | None = None
 
@@ -179,7 +181,7 @@ class _MaskIfOutputFree:
 
 
 class LeanReLU(_MaskIfOutputFree, nn.ReLU):
-    """A ``ReLU`` that keeps a 1-byte mask for backward instead of its output, when nothing else
+    """A ``ReLU`` that keeps a 1-byte mask for backward instead of its output, when no other layer
     keeps the output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +189,8 @@ class LeanReLU(_MaskIfOutputFree, nn.ReLU):
 
 
 class LeanReLU6(_MaskIfOutputFree, nn.ReLU6):
-    """A ``ReLU6`` that keeps a 1-byte mask for backward instead of its output, when nothing else
-    keeps the output."""
+    """A ``ReLU6`` that keeps a 1-byte mask for backward instead of its input (its output when in
+    place), when no other layer keeps that tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._mask(x):
@@ -223,9 +225,10 @@ class _Tracer(fx.Tracer):
 
 
 def _output_consumers(model: nn.Module) -> dict[nn.Module, tuple[nn.Module, ...] | None]:
-    """For every ReLU / ReLU6 module of ``model``: the convolutions and linear layers that read its
-    output (through views) at any of its call sites, or ``None`` where some other op reads it (and
-    may keep it) or the model cannot be traced (``torch.fx``)."""
+    """For every ReLU / ReLU6 module of ``model``: the convolutions and linear layers that read the
+    tensor its plain op saves (``relu``: its output, which in place is its input; ``hardtanh``:
+    its input, in place a private copy), at any of its call sites, through views; ``None`` where
+    some other op reads it (and may keep it) or the model cannot be traced (``torch.fx``)."""
     try:
         graph = _Tracer().trace(model)
     except Exception:  # any model fx cannot trace keeps its plain activations
@@ -236,8 +239,9 @@ def _output_consumers(model: nn.Module) -> dict[nn.Module, tuple[nn.Module, ...]
         act = modules.get(node.target) if node.op == "call_module" else None
         if not isinstance(act, (nn.ReLU, nn.ReLU6)):
             continue
-        readers = _readers(node, modules)
-        if act.inplace:  # the output is the input's storage: its other readers count too
+        relu = isinstance(act, nn.ReLU)
+        readers = _readers(node, modules) if relu else ()
+        if relu == act.inplace:  # the saved tensor is the input: its other readers count
             for arg in node.all_input_nodes:
                 readers = _merge(readers, _readers(arg, modules, skip=node))
         found[act] = _merge(found.get(act, ()), readers) if act in found else readers
