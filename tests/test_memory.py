@@ -146,9 +146,13 @@ def test_masked_relu_matches_pytorch_on_edge_values(max_val, inplace):
         ref = run(lambda t: F.relu(t, inplace=inplace))
     else:
         ref = run(lambda t: F.hardtanh(t, 0.0, max_val, inplace=inplace))
-    got = run(lambda t: _MaskedClamp.apply(t, 0.0, max_val, inplace))
+    got = run(lambda t: _MaskedClamp.apply(t, max_val, inplace))
     assert torch.equal(got[0].nan_to_num(7.0), ref[0].nan_to_num(7.0))
-    assert torch.equal(got[1], ref[1]) and got[1].stride() == ref[1].stride()
+    # At a NaN PyTorch's own backward passes the gradient or not depending on whether the element
+    # falls in a vectorized block or the scalar tail, which depends on the gradient's layout too:
+    # the mask, taken in the forward, follows the input's.
+    real = ~x.isnan()
+    assert torch.equal(got[1][real], ref[1][real]) and got[1].stride() == ref[1].stride()
 
 
 def test_an_untraceable_model_keeps_plain_activations_and_trains():

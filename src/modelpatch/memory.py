@@ -131,39 +131,36 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
 
 
 class _MaskedClamp(torch.autograd.Function):
-    """``relu`` / ``hardtanh`` (``ReLU6``, ``min_val`` 0) that saves, instead of a float tensor, a
-    1-byte mask of where the gradient passes. Backward calls PyTorch's own ``threshold_backward`` /
-    ``hardtanh_backward`` on a stand-in for the saved tensor rebuilt from the mask (1 where it
-    passes, 0 where it stops) with that tensor's strides: the op picks the same output layout, the
-    next layers' backward the same kernels (a plain ``where`` differs on 1x1 maps)."""
+    """``relu`` / ``hardtanh`` with ``min_val`` 0 (``ReLU6``) that saves, instead of a float tensor, a
+    1-byte mask of where the gradient passes. The mask is PyTorch's own ``threshold_backward`` /
+    ``hardtanh_backward`` of a gradient of 1, on the tensor PyTorch would save (its test, NaN
+    handling included); backward calls that same op on a stand-in rebuilt from the mask (1 where
+    the gradient passes, 0 where it stops) with that tensor's strides: the same values and layout,
+    so the next layers' backward picks the same kernels (a plain ``where`` differs on 1x1 maps)."""
 
     @staticmethod
-    def forward(ctx, x, min_val, max_val, inplace):
-        relu = max_val is None
-        # what PyTorch saves: relu its output, hardtanh its input (the output too when in place)
-        saved_like = x if not relu and not inplace else None
-        out = F.relu(x, inplace=inplace) if relu else F.hardtanh(x, min_val, max_val, inplace=inplace)
-        ref = out if saved_like is None else saved_like
-        passes = torch.empty_strided(ref.shape, ref.stride(), dtype=torch.bool, device=ref.device)
-        torch.le(ref, min_val, out=passes)  # the ops' own test, so NaN passes as it does there
-        if not relu:
-            passes.logical_or_(ref >= max_val)
-        passes.logical_not_()
+    def forward(ctx, x, max_val, inplace):
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        if max_val is None:  # relu saves its output
+            out = F.relu(x, inplace=inplace)
+            passes = torch.ops.aten.threshold_backward(one, out, 0.0)
+        else:  # hardtanh saves its input (in place: a copy of it)
+            passes = torch.ops.aten.hardtanh_backward(one, x, 0.0, max_val)
+            out = F.hardtanh(x, 0.0, max_val, inplace=inplace)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.save_for_backward(passes)
-        ctx.clamp = (min_val, max_val, ref.dtype)
+        ctx.save_for_backward(passes.to(torch.uint8))  # keeps the strides
+        ctx.clamp = (max_val, passes.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         (passes,) = ctx.saved_tensors
-        min_val, max_val, dtype = ctx.clamp
-        stand_in = torch.empty_strided(passes.shape, passes.stride(), dtype=dtype, device=passes.device)
-        stand_in.copy_(passes)
+        max_val, dtype = ctx.clamp
+        stand_in = passes.to(dtype)  # from uint8: a vectorized cast
         if max_val is None:
-            return torch.ops.aten.threshold_backward(grad, stand_in, min_val), None, None, None
-        return torch.ops.aten.hardtanh_backward(grad, stand_in, min_val, max_val), None, None, None
+            return torch.ops.aten.threshold_backward(grad, stand_in, 0.0), None, None
+        return torch.ops.aten.hardtanh_backward(grad, stand_in, 0.0, max_val), None, None
 
 
 class _MaskIfOutputFree:
@@ -185,7 +182,7 @@ class LeanReLU(_MaskIfOutputFree, nn.ReLU):
     keeps the output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _MaskedClamp.apply(x, 0.0, None, self.inplace) if self._mask(x) else super().forward(x)
+        return _MaskedClamp.apply(x, None, self.inplace) if self._mask(x) else super().forward(x)
 
 
 class LeanReLU6(_MaskIfOutputFree, nn.ReLU6):
@@ -193,9 +190,9 @@ class LeanReLU6(_MaskIfOutputFree, nn.ReLU6):
     place), when no other layer keeps that tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._mask(x):
+        if not (self.min_val == 0.0 and self._mask(x)):
             return super().forward(x)
-        return _MaskedClamp.apply(x, self.min_val, self.max_val, self.inplace)
+        return _MaskedClamp.apply(x, self.max_val, self.inplace)
 
 
 LEAN_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
