@@ -70,7 +70,8 @@ class LeanConv2d(nn.Conv2d):
     the plain convolution."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (_recording() and _conv_is_lean(self)):
+        wanted = x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        if not (wanted and _recording() and _conv_is_lean(self)):
             return super().forward(x)
         return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
@@ -121,7 +122,8 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lean = (
-            _recording() and not self.training and self.running_mean is not None
+            (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+            and _recording() and not self.training and self.running_mean is not None
             and x.device.type == "cpu" and x.dim() == 4
             and (self.weight is None or not self.weight.requires_grad)
         )  # fmt: skip
