@@ -17,8 +17,11 @@ docs/benchmarks.md):
 - Hardswish, SiLU, GELU, sigmoid, LayerNorm: their gradients read the float input; kept.
 
 Each saver calls the aten ops PyTorch's own backward calls, on the same tensors, except the input
-the gradient does not read (an uninitialized buffer of its shape and layout), so gradients are
-bit-for-bit the same (tests/test_memory.py). Each falls back to the plain op when it cannot save.
+the gradient does not read (an uninitialized buffer of its shape and strides; for a ReLU, a
+stand-in rebuilt from the mask), so gradients are
+bit-for-bit the same (tests/test_memory.py; at a NaN activation PyTorch's own ReLU6 backward
+depends on the memory layout, and the mask may differ). Each falls back to the plain op when it
+cannot save.
 """
 
 from __future__ import annotations
