@@ -83,7 +83,7 @@ def check_step(report: Report, args: argparse.Namespace) -> None:
         for label, channels_last, lean, bf16, compiled in SETTINGS:
             if compiled and kind not in args.compile_kinds:
                 continue
-            kind_arg = kind + ("!lean" if lean else "")
+            kind_arg = kind + ("" if lean else "!plain")  # savers are on by default
             case = Case("mobilenet_v2", kind_arg, args.size, device, channels_last, width=args.width, batch=args.batch)
             if compiled:
                 compile_backbone(case.model, backend)

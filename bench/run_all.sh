@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every benchmark and rewrite its table in docs/benchmarks.md (about 15 minutes on 2 CPU cores).
+# Run every benchmark and rewrite its table in docs/benchmarks.md (about 25 minutes on 2 CPU cores).
 #   bash bench/run_all.sh                 # CPU, full repetitions
 #   bash bench/run_all.sh --quick         # smoke run: fewer repetitions, prints only
 #   bash bench/run_all.sh --device cuda   # on a GPU
@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
 start=$SECONDS
-for script in step_time feature_cache data_overhead startup serving; do
+for script in step_time max_batch feature_cache data_overhead startup serving; do
     echo "=== bench/$script.py $* ($(date +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg))" >&2
     "$PYTHON" "bench/$script.py" "$@"
 done

@@ -118,8 +118,9 @@ class PatchModule(L.LightningModule):
             training of MobileNets on CPU (docs/benchmarks.md); the numbers are the same up to
             float rounding.
         mixing: the task-mixing mode (``modelpatch.data.mixing``), or its name; ``mix_seed`` seeds a named one.
-        lean_backward: frozen convolutions keep only their weight for backward, not their input
-            (``memory.LeanConv2d``): about a third less activation memory for ``bn`` patches.
+        lean_backward: keep for backward only what the trained parameters' gradients read
+            (``memory.use_memory_savers``: frozen convolutions and frozen-statistics BatchNorm keep
+            no input, ReLUs a mask): the same gradients, a fraction of the activation memory.
         meta: plain data saved as hyper-parameters (the run's config), for the record.
     """
 
@@ -136,7 +137,7 @@ class PatchModule(L.LightningModule):
         mixing: str | Mixing = "all",
         mix_seed: int = 0,
         channels_last: bool = False,
-        lean_backward: bool = False,
+        lean_backward: bool = True,
         meta: Mapping | None = None,
     ):
         super().__init__()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modelpatch.memory import use_lean_convs
+from modelpatch.memory import use_memory_savers
 
 NORM_LAYERS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 NORM_STATS = ("task", "frozen")
@@ -187,7 +187,8 @@ class PatchedBackbone(nn.Module):
         patch: from ``resolve_patch`` on this backbone.
         tasks: task names; each gets a patch initialized from the backbone's current values.
         train_shared: also train the parameters no patch selects (joint multi-task training).
-        lean_backward: frozen convolutions keep only their weight for backward (``LeanConv2d``).
+        lean_backward: keep for backward only what the trained parameters' gradients read
+            (``memory.use_memory_savers``; the same gradients).
     """
 
     def __init__(
@@ -197,11 +198,11 @@ class PatchedBackbone(nn.Module):
         tasks: Iterable[str],
         *,
         train_shared: bool = False,
-        lean_backward: bool = False,
+        lean_backward: bool = True,
     ):
         super().__init__()
         if lean_backward:
-            use_lean_convs(backbone)
+            use_memory_savers(backbone)
         self.backbone = backbone
         self.patch = patch
         self.train_shared = train_shared

@@ -153,7 +153,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         train_shared=cfg.patch.train_shared,
         mixing=mixing,
         channels_last=cfg.get("channels_last", False),
-        lean_backward=cfg.get("lean_backward", False),
+        lean_backward=cfg.get("lean_backward", True),
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
     if init is not None:

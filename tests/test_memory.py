@@ -1,0 +1,199 @@
+"""Training-memory savers: the same gradients as PyTorch's own layers, from less kept for backward."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from modelpatch.backbones import build_backbone
+from modelpatch.memory import (
+    LeanBatchNorm2d,
+    LeanConv2d,
+    LeanReLU,
+    LeanReLU6,
+    _MaskedClamp,
+    use_memory_savers,
+)
+from modelpatch.module import PatchModule, TaskHead
+from modelpatch.patches import resolve_patch
+
+# One backbone per family and activation: ReLU6, Hardswish (+ReLU), ReLU, SiLU, GELU/LayerNorm.
+FAMILIES = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "efficientnet_b0", "convnext_tiny"]
+# Patch kinds as the platform trains them, with BatchNorm statistics per task or frozen.
+KINDS = ["full", "bn", "bn@frozen", "bias", "bias@frozen", "dw", "dw@frozen", "bn+dw", "logits@frozen"]
+_BACKBONES: dict[str, nn.Module] = {}
+
+
+def backbone(name: str) -> nn.Module:
+    """A fresh copy of a backbone built once per session (random init, deterministic)."""
+    if name not in _BACKBONES:
+        torch.manual_seed(0)
+        _BACKBONES[name] = build_backbone(name, width=0.25) if name == "mobilenet_v2" else build_backbone(name)
+    return copy.deepcopy(_BACKBONES[name])
+
+
+def step(name: str, kind: str, lean: bool, autocast: bool = False, batch: int = 4):
+    """One forward/backward: (gradients of the trainable parameters, bytes autograd saved beyond the
+    model's own tensors, the model)."""
+    kind, _, stats = kind.partition("@")
+    bb = backbone(name)
+    patch = resolve_patch(bb, kind, norm_stats=stats or "task")
+    torch.manual_seed(0)  # the same head
+    model = PatchModule(bb, patch, [TaskHead("t", 4)], lean_backward=lean, channels_last=True).train()
+    images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    resident = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in resident:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    torch.manual_seed(2)  # the same dropout and stochastic-depth draws in both runs
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), saved_tensors_hooks(pack, lambda t: t):
+        loss = model(images, "t").float().logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return grads, sum(saved.values()), model
+
+
+def assert_same_grads(lean: dict, plain: dict, **tolerance) -> None:
+    assert lean.keys() == plain.keys()
+    for name, grad in plain.items():
+        assert grad is not None and lean[name] is not None and lean[name].dtype == grad.dtype, name
+        if tolerance:
+            torch.testing.assert_close(lean[name], grad, **tolerance, msg=name)
+        else:
+            assert torch.equal(lean[name], grad), f"{name}: max diff {(lean[name] - grad).abs().max():.3g}"
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [(n, k) for n in FAMILIES for k in KINDS if not (n == "resnet18" and "dw" in k)]
+)  # resnet18 has no depthwise convolutions
+def test_gradients_are_bit_for_bit_those_of_pytorchs_layers_from_no_more_memory(name, kind):
+    plain, plain_bytes, _ = step(name, kind, lean=False)
+    lean, lean_bytes, _ = step(name, kind, lean=True)
+    assert_same_grads(lean, plain)
+    assert lean_bytes <= plain_bytes
+
+
+def test_each_saver_cuts_what_it_should_on_mobilenet_v2():
+    full = step("mobilenet_v2", "full", lean=False)[1]
+    # every convolution and BatchNorm input is read by a trained weight; ReLU6 keeps a mask, not a
+    # copy of its input
+    assert 0.7 * full < step("mobilenet_v2", "full", lean=True)[1] < 0.8 * full
+    # frozen convolutions and BatchNorm keep nothing, each ReLU6 a 1-byte mask
+    assert step("mobilenet_v2", "bias@frozen", lean=True)[1] < 0.12 * full
+    # BatchNorm with batch statistics keeps its input for every gradient; ReLU6s keep masks
+    assert step("mobilenet_v2", "bn", lean=True)[1] < 0.5 * full
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("mobilenet_v2", "bn"), ("mobilenet_v2", "bias@frozen"), ("resnet18", "bn")]
+)
+def test_gradients_are_the_same_under_bf16_autocast(name, kind):
+    plain = step(name, kind, lean=False, autocast=True)[0]
+    lean = step(name, kind, lean=True, autocast=True)[0]
+    assert_same_grads(lean, plain)  # bit for bit here too: the same ops on the same bf16 tensors
+
+
+def test_savers_are_on_by_default_and_off_with_lean_backward_false():
+    _, _, model = step("mobilenet_v2", "bias@frozen", lean=True)
+    types = {type(m) for m in model.modules()}
+    assert {LeanConv2d, LeanBatchNorm2d, LeanReLU6} <= types
+    _, _, plain = step("mobilenet_v2", "bias@frozen", lean=False)
+    assert not any(type(m).__module__ == "modelpatch.memory" for m in plain.modules())
+    assert PatchModule.__init__.__kwdefaults__["lean_backward"] is True
+
+
+def test_a_relu_output_read_by_a_trained_weight_is_kept_not_masked():
+    bb = backbone("resnet18")
+    use_memory_savers(bb)
+    block, following = bb.body.layer1[0], bb.body.layer1[1]
+    # in-place ReLU, called twice: its output feeds conv2, then the next block's conv1 (and its add)
+    assert block.relu._consumers == (block.conv2, following.conv1)
+    for p in bb.parameters():
+        p.requires_grad_(False)
+    x = torch.ones(1, requires_grad=True)
+    assert block.relu._mask(x)
+    following.conv1.weight.requires_grad_(True)  # it keeps its input: a mask would come on top
+    assert not block.relu._mask(x)
+    # mobilenet_v2's in-place ReLU6: PyTorch saves a copy of its input, which no other layer holds
+    mbv2 = backbone("mobilenet_v2")
+    use_memory_savers(mbv2)
+    assert mbv2.body.features[2].conv[0][2]._consumers == ()
+
+
+@pytest.mark.parametrize("max_val", [None, 6.0])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_masked_relu_matches_pytorch_on_edge_values(max_val, inplace):
+    values = torch.tensor([-1.0, -0.0, 0.0, 1e-45, 3.0, 6.0, 6.5, float("inf"), float("-inf"), float("nan")])
+    x = values.repeat(4).view(2, 5, 2, 2).contiguous(memory_format=torch.channels_last)
+    grad = torch.linspace(-2, 2, x.numel()).view_as(x)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf * 1)
+        (g,) = torch.autograd.grad(out, leaf, grad)
+        return out, g
+
+    if max_val is None:
+        ref = run(lambda t: F.relu(t, inplace=inplace))
+    else:
+        ref = run(lambda t: F.hardtanh(t, 0.0, max_val, inplace=inplace))
+    got = run(lambda t: _MaskedClamp.apply(t, max_val, inplace))
+    assert torch.equal(got[0].nan_to_num(7.0), ref[0].nan_to_num(7.0))
+    # At a NaN PyTorch's own backward passes the gradient or not depending on whether the element
+    # falls in a vectorized block or the scalar tail, which depends on the gradient's layout too:
+    # the mask, taken in the forward, follows the input's.
+    real = ~x.isnan()
+    assert torch.equal(got[1][real], ref[1][real]) and got[1].stride() == ref[1].stride()
+
+
+def test_an_untraceable_model_keeps_plain_activations_and_trains():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 4, 3), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.conv(x)) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
+
+    model = Branchy()
+    use_memory_savers(model)
+    assert isinstance(model.act, LeanReLU) and model.act._consumers is None
+    model.conv.weight.requires_grad_(False)
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    assert not model.act._mask(x)
+    model(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_lean_backward_leaves_trainable_convolutions_alone():
+    grads, _, _ = step("mobilenet_v2", "bn+dw", lean=True)
+    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "weight" in n), grads.keys()
+
+
+def test_memory_savers_keep_the_state_dict():
+    bb = backbone("mobilenet_v2")
+    before = bb.state_dict()
+    use_memory_savers(bb)
+    after = bb.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any(isinstance(m, LeanReLU6) for m in bb.modules())
+
+
+def test_savers_step_aside_under_vmap():
+    """``forward_mixed`` runs other patches under ``torch.func.vmap``, which custom backward
+    functions do not support: there the plain layers run, even with gradients enabled."""
+    bb = backbone("mobilenet_v2")
+    model = PatchModule(bb, resolve_patch(bb, "bias"), [TaskHead("a", 3), TaskHead("b", 3)])
+    model.eval().model._twin = [None]  # no per-sample twin: the vmap path
+    images = torch.rand(4, 3, 32, 32)
+    mixed = model.model.forward_mixed(images, torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    torch.testing.assert_close(mixed[:1], model.model(images[:1], "a"), rtol=1e-4, atol=1e-5)
