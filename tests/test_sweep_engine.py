@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from modelpatch.sweep import (
+from modelpatch.sweep import SweepError
+from modelpatch.sweep_folder import (
     RUN_FILE,
-    SweepError,
     drive,
     init_sweep,
     load_sweep_file,
