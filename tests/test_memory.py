@@ -18,6 +18,7 @@ from modelpatch.memory import (
     _MaskedClamp,
     use_memory_savers,
 )
+from modelpatch.mixed import forward_mixed
 from modelpatch.module import PatchModule, TaskHead
 from modelpatch.patches import resolve_patch
 
@@ -195,5 +196,5 @@ def test_savers_step_aside_under_vmap():
     model = PatchModule(bb, resolve_patch(bb, "bias"), [TaskHead("a", 3), TaskHead("b", 3)])
     model.eval().model._twin = [None]  # no per-sample twin: the vmap path
     images = torch.rand(4, 3, 32, 32)
-    mixed = model.model.forward_mixed(images, torch.tensor([0, 1, 0, 1]), ["a", "b"])
+    mixed = forward_mixed(model.model, images, torch.tensor([0, 1, 0, 1]), ["a", "b"])
     torch.testing.assert_close(mixed[:1], model.model(images[:1], "a"), rtol=1e-4, atol=1e-5)
