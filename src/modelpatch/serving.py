@@ -86,7 +86,22 @@ def base_metadata(backbone: Backbone) -> dict[str, str]:
         "backbone": backbone.name,
         "width": json.dumps(backbone.width_mult),
         "fingerprint": fingerprint(backbone),
+        "transform_input": json.dumps(backbone.transform_input),
     }
+
+
+def task_tensors(model: PatchModule, task: str) -> dict[str, torch.Tensor]:
+    """What ``task``'s patch file holds: its patch, the statistics it owns and its head, by file key."""
+    own = model.model.patches[task].tensors()
+    tensors = {f"patch.{n}": own[n] for n in model.patch.params}
+    tensors.update({f"stats.{n}": own[n] for n in model.patch.buffers})
+    tensors.update({f"head.{n}": p for n, p in model.heads[task].named_parameters()})
+    return tensors
+
+
+def patch_bytes(model: PatchModule, task: str) -> int:
+    """Bytes of ``task``'s patch file tensors (patch, owned statistics, head; metadata not counted)."""
+    return sum(t.numel() * t.element_size() for t in task_tensors(model, task).values())
 
 
 def export_task_patch(
@@ -95,10 +110,7 @@ def export_task_patch(
     """Write ``task``'s patch, owned statistics and head to ``path`` (atomically)."""
     backbone = model.model.backbone
     patch = model.patch
-    own = model.model.patches[task].tensors()
-    tensors = {f"patch.{n}": own[n] for n in patch.params}
-    tensors.update({f"stats.{n}": own[n] for n in patch.buffers})
-    tensors.update({f"head.{n}": p for n, p in model.heads[task].named_parameters()})
+    tensors = task_tensors(model, task)
     head = model.tasks[task]
     spec = dict(head.spec)
     spec.pop("options", None)
@@ -127,14 +139,15 @@ def export_patches(model: PatchModule, out_dir: str | Path, metrics: dict[str, f
     """Export every task's patch file into ``out_dir``, and the base when no weights file holds it.
 
     The base is written (``base.safetensors``) when the shared weights were trained or randomly
-    initialized; otherwise the patch files name the weights they fit (``imagenet`` or a path).
+    initialized, or come from a multi-task checkpoint (``init_from``); otherwise the patch files name
+    the weights they fit (``imagenet`` or a path).
     """
     out_dir = Path(out_dir)
     metrics = metrics or {}
     backbone = model.model.backbone
     written: dict[str, Path] = {}
     base_weights = backbone.weights_source
-    if model.model.train_shared or backbone.weights_source == "random":
+    if model.model.train_shared or backbone.weights_source == "random" or "init_from" in model.hparams:
         written["base"] = atomic_save(dict(backbone.state_dict()), out_dir / BASE_FILE, base_metadata(backbone))
         base_weights = BASE_FILE
     for task in model.task_names:
