@@ -62,7 +62,8 @@ def test_added_task_starts_from_the_loaded_model(make_cfg, trained_two_tasks, re
 
 def test_unknown_patch_source_names_the_loaded_tasks(make_cfg, trained_two_tasks):
     ckpt, _ = trained_two_tasks
-    with pytest.raises(ConfigError, match=r"init_patch_from='cifar10' is not a task of .*; choose one of: digits, fmnist_b, or base"):
+    unknown = r"init_patch_from='cifar10' is not a task of .*; choose one of: digits, fmnist_b, or base"
+    with pytest.raises(ConfigError, match=unknown):
         build(make_cfg(*ADD_TASK, f"init_from={ckpt}", "init_patch_from=cifar10"))
     with pytest.raises(ConfigError, match="set init_from too"):
         build(make_cfg(*ADD_TASK, "init_patch_from=digits"))
@@ -93,3 +94,20 @@ def test_init_from_run_records_its_source_and_evaluates_with_eval_py(make_cfg, t
     evaluated = json.loads((out / "eval_results.json").read_text())["tasks"]
     for task in ("fmnist_a", "digits"):
         assert evaluated[task]["test_acc"] == results["tasks"][task]["test_acc"], task
+
+
+def test_default_source_follows_where_the_base_got_its_values():
+    from modelpatch.transfer import default_patch_source
+
+    def hp(weights, train_shared, **extra):
+        return {"backbone": {"weights": weights}, "patch": {"train_shared": train_shared}, **extra}
+
+    assert default_patch_source(hp("imagenet", False), ["a", "b"]) == "base"  # pretrained, left alone
+    assert default_patch_source(hp("/runs/x/base.safetensors", False), ["a"]) == "base"
+    assert default_patch_source(hp("imagenet", True), ["a", "b"]) == "a"  # trained jointly with the patches
+    assert default_patch_source(hp("random", False), ["a", "b"]) == "a"
+    old = {"backbone": {}, "patch": {"train_shared": False}, "meta": {"config": {"backbone": {"weights": "imagenet"}}}}
+    assert default_patch_source(old, ["a"]) == "base"  # checkpoints without backbone.weights
+    # a model made by init_from keeps what its own checkpoint's base was
+    chained = hp("random", False, init_from={"base_weights": "random", "base_learned": False})
+    assert default_patch_source(chained, ["c", "a"]) == "c"
