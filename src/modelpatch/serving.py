@@ -4,7 +4,8 @@ A patch file is ``<task>.safetensors`` with tensors ``patch.<backbone name>`` (p
 parameters), ``stats.<backbone name>`` (normalization statistics the task owns) and
 ``head.weight`` / ``head.bias``, plus string metadata: what base it fits (backbone, width,
 fingerprint of the base weights), the patch kind, the task (its data recipe, classes, input size,
-normalization) and the test accuracy it reached. Writes are atomic; reads never unpickle.
+normalization) and the test accuracy it reached, each field covered by a checksum (``meta_sha256``),
+as the tensors are (``tensors_sha256``). Writes are atomic; reads never unpickle.
 
     python -m modelpatch.serving info <file.safetensors>...
     python -m modelpatch.serving storage <folder with base.safetensors and patch files>
