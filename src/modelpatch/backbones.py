@@ -8,6 +8,7 @@ made by this platform or a plain state dict.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torchvision
+from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
@@ -81,6 +83,18 @@ class Backbone(nn.Module):
         return self.body(x)
 
     features = forward
+
+    @property
+    def transform_input(self) -> bool | None:
+        """InceptionV3's input rescaling (on for torchvision's pretrained weights): part of the function
+        but not of the state dict, so files record it beside the weights; ``None`` for other models."""
+        value = getattr(self.body, "transform_input", None)
+        return None if value is None else bool(value)
+
+    def restore_transform_input(self, value: bool | None) -> None:
+        """Set the rescaling a weights file recorded (``None``: the file did not say; keep it)."""
+        if value is not None and self.transform_input is not None:
+            self.body.transform_input = bool(value)
 
 
 def list_backbones() -> list[str]:
@@ -213,11 +227,29 @@ def _replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read tensors from a safetensors file, or a torch file with ``weights_only=True``."""
+    return read_weights(path)[0]
+
+
+def transform_input_from_hparams(hp: Mapping) -> bool | None:
+    """The ``transform_input`` a modelpatch checkpoint's hyper-parameters record (older checkpoints:
+    on when the run started from torchvision's weights)."""
+    backbone = hp.get("backbone", {})
+    if backbone.get("transform_input") is not None:
+        return bool(backbone["transform_input"])
+    if backbone.get("name") != "inception_v3":
+        return None
+    return hp.get("meta", {}).get("config", {}).get("backbone", {}).get("weights") in PRETRAINED
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool | None]:
+    """Tensors of a weights file and the ``transform_input`` it records (``None`` where it says nothing)."""
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"backbone weights file {str(path)!r} does not exist")
     if path.suffix == ".safetensors":
-        return load_safetensors(path)
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("transform_input")
+        return load_safetensors(path), None if recorded is None else json.loads(recorded)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -225,15 +257,16 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"cannot read {path} as a weights-only torch file ({err}); only tensors and plain containers are accepted"
         ) from err
     if isinstance(obj, Mapping) and "state_dict" in obj:
-        return backbone_state_from_checkpoint(obj, path)
+        return backbone_state_from_checkpoint(obj, path), transform_input_from_hparams(obj.get("hyper_parameters", {}))
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise BackboneError(f"{path} holds no state dict (a mapping of names to tensors)")
-    return dict(obj)
+    return dict(obj), None
 
 
 def load_backbone_weights(backbone: Backbone, path: str | os.PathLike) -> None:
-    """Load a state dict into ``backbone``; any missing or unexpected key is an error."""
-    state = read_state_dict(path)
+    """Load a state dict (and the ``transform_input`` it records) into ``backbone``; any missing or
+    unexpected key is an error."""
+    state, transform_input = read_weights(path)
     if not any(k.startswith("body.") for k in state):
         state = {f"body.{k}": v for k, v in state.items()}
     expected = backbone.state_dict()
@@ -253,6 +286,7 @@ def load_backbone_weights(backbone: Backbone, path: str | os.PathLike) -> None:
             + "check backbone= and backbone.width= against the run that made the file"
         )
     backbone.load_state_dict(state)
+    backbone.restore_transform_input(transform_input)
     backbone.weights_source = str(path)
 
 
@@ -264,8 +298,12 @@ def _summarize(label: str, keys: list[str], show: int = 3) -> str:
 
 
 def fingerprint(module: nn.Module) -> str:
-    """A short hash of every tensor in ``module``'s state dict (names, shapes and values)."""
+    """A short hash of every tensor in ``module``'s state dict (names, shapes and values), and of
+    InceptionV3's ``transform_input`` (a function of the same tensors, another function)."""
     digest = hashlib.sha256()
+    transform_input = getattr(module, "transform_input", None)
+    if transform_input is not None:
+        digest.update(f"transform_input={transform_input}".encode())
     for key, tensor in sorted(module.state_dict().items()):
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())

@@ -145,6 +145,8 @@ def make_results(
     cfg: DictConfig, model: PatchModule, metrics: dict[str, float], *, wall_time_s: float, checkpoint: str = ""
 ) -> dict:
     """The ``results.json`` object (see docs/architecture.md for the contract)."""
+    from modelpatch.serving import patch_bytes
+
     counts = model.parameter_counts()
     tasks = {}
     for name, head in model.tasks.items():
@@ -154,6 +156,7 @@ def make_results(
             "num_classes": head.num_classes,
             "params_patch": counts[f"{name}/patch"],
             "params_head": counts[f"{name}/head"],
+            "patch_bytes": patch_bytes(model, name),
             "train_size": head.spec.get("train_size"),
             "train_samples": head.train_samples,
             "frozen": name in model.frozen_tasks,
@@ -178,6 +181,7 @@ def make_results(
             **{k: counts[k] for k in ("total", "trainable", "shared", "backbone", "separate_models")},
             "ratio_vs_separate": round(counts["total"] / counts["separate_models"], 4),
         },
+        "init_from": model.hparams.get("init_from"),
         "mixing": model.mixing.name,
         "test_acc": metrics.get("test/acc"),
         "val_acc": metrics.get("val/acc"),

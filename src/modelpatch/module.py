@@ -167,7 +167,13 @@ class PatchModule(L.LightningModule):
         self.test_mean_acc = TaskMeanAccuracy(len(tasks))
         self.save_hyperparameters(
             {
-                "backbone": {"name": backbone.name, "width": backbone.width, "width_mult": backbone.width_mult},
+                "backbone": {
+                    "name": backbone.name,
+                    "width": backbone.width,
+                    "width_mult": backbone.width_mult,
+                    "weights": backbone.weights_source,
+                    "transform_input": backbone.transform_input,
+                },
                 "patch": {"kind": patch.kind, "norm_stats": patch.norm_stats, "train_shared": train_shared},
                 "tasks": [asdict(t) for t in tasks],
                 "mixing": self.mixing.name,

@@ -19,7 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from modelpatch.backbones import PRETRAINED, build_backbone, list_backbones
+from modelpatch import transfer
+from modelpatch.backbones import PRETRAINED, build_backbone, list_backbones, transform_input_from_hparams
 from modelpatch.checkpoints import (
     NO_LAST_CHECKPOINT,
     RESULTS_FILE,
@@ -105,7 +106,12 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
     specs = task_specs(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
     init = read_init_checkpoint(cfg)
     kept: list[TaskSpec] = []
+    if init is None and cfg.get("init_patch_from") is not None:
+        raise ConfigError("init_patch_from names where a task added by init_from starts: set init_from too")
     if init is not None:
+        source = transfer.choose_patch_source(
+            cfg.get("init_patch_from"), init[1], [t["name"] for t in init[1]["tasks"]], init[2]
+        )
         names = {s.name for s in specs}
         kept = [TaskSpec(**t["spec"]) for t in init[1]["tasks"] if t["name"] not in names]
         if kept and cfg.patch.train_shared:
@@ -157,11 +163,18 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
     if init is not None:
-        state, _, path = init
+        state, hp, path = init
         loaded = load_tasks_from_checkpoint(model, state, path)
         model.model.backbone.weights_source = path
+        model.model.backbone.restore_transform_input(transform_input_from_hparams(hp))
+        new = [t for t in model.task_names if t not in loaded]
+        transfer.start_patches_from(model, new, source)
+        transfer.record(model, hp, path, source, loaded, new)
         model.freeze_tasks([s.name for s in kept])
-        log.info(f"loaded tasks {', '.join(loaded)} from {path}; frozen: {', '.join(s.name for s in kept) or 'none'}")
+        log.info(
+            f"loaded tasks {', '.join(loaded)} from {path}; frozen: {', '.join(s.name for s in kept) or 'none'}; "
+            f"new task(s) {', '.join(new) or 'none'} start from the patch of {source}"
+        )
     cache = cfg.data.get("cache_features", "auto")
     if cache not in ("auto", True, False):
         raise ConfigError(f"data.cache_features={cache!r}; choose auto, true or false")

@@ -4,7 +4,8 @@ A patch file is ``<task>.safetensors`` with tensors ``patch.<backbone name>`` (p
 parameters), ``stats.<backbone name>`` (normalization statistics the task owns) and
 ``head.weight`` / ``head.bias``, plus string metadata: what base it fits (backbone, width,
 fingerprint of the base weights), the patch kind, the task (its data recipe, classes, input size,
-normalization) and the test accuracy it reached. Writes are atomic; reads never unpickle.
+normalization) and the test accuracy it reached, each field covered by a checksum (``meta_sha256``),
+as the tensors are (``tensors_sha256``). Writes are atomic; reads never unpickle.
 
     python -m modelpatch.serving info <file.safetensors>...
     python -m modelpatch.serving storage <folder with base.safetensors and patch files>
@@ -30,7 +31,7 @@ from modelpatch.backbones import PRETRAINED, Backbone, build_backbone, fingerpri
 from modelpatch.module import PatchModule, TaskHead
 from modelpatch.patches import resolve_patch
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # 2: metadata covered by checksums (``meta_sha256``); 1 (tensors only) is still read
 BASE_FILE = "base.safetensors"
 
 
@@ -64,6 +65,27 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def metadata_digests(meta: dict[str, str]) -> dict[str, str]:
+    """A short sha256 of each metadata value: a patch file records them (``meta_sha256``) so that an
+    edited field is refused by name."""
+    return {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in sorted(meta.items()) if k != "meta_sha256"}
+
+
+def check_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Refuse a patch file whose metadata was edited, added to or cut after it was written."""
+    try:
+        recorded = json.loads(meta["meta_sha256"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise PatchFileError(f"{path} was modified after it was written: its metadata checksum is unreadable") from err
+    actual = metadata_digests(meta)
+    changed = sorted(k for k in set(recorded) | set(actual) if recorded.get(k) != actual.get(k))
+    if changed:
+        raise PatchFileError(
+            f"{path} was modified after it was written: metadata field(s) {', '.join(changed)} do not match "
+            "their checksum (edited, added or removed); re-export the patch from its run"
+        )
+
+
 def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write a safetensors file so that a crash leaves the old file or the new one, never half."""
     path = Path(path)
@@ -86,7 +108,22 @@ def base_metadata(backbone: Backbone) -> dict[str, str]:
         "backbone": backbone.name,
         "width": json.dumps(backbone.width_mult),
         "fingerprint": fingerprint(backbone),
+        "transform_input": json.dumps(backbone.transform_input),
     }
+
+
+def task_tensors(model: PatchModule, task: str) -> dict[str, torch.Tensor]:
+    """What ``task``'s patch file holds: its patch, the statistics it owns and its head, by file key."""
+    own = model.model.patches[task].tensors()
+    tensors = {f"patch.{n}": own[n] for n in model.patch.params}
+    tensors.update({f"stats.{n}": own[n] for n in model.patch.buffers})
+    tensors.update({f"head.{n}": p for n, p in model.heads[task].named_parameters()})
+    return tensors
+
+
+def patch_bytes(model: PatchModule, task: str) -> int:
+    """Bytes of ``task``'s patch file tensors (patch, owned statistics, head; metadata not counted)."""
+    return sum(t.numel() * t.element_size() for t in task_tensors(model, task).values())
 
 
 def export_task_patch(
@@ -95,10 +132,7 @@ def export_task_patch(
     """Write ``task``'s patch, owned statistics and head to ``path`` (atomically)."""
     backbone = model.model.backbone
     patch = model.patch
-    own = model.model.patches[task].tensors()
-    tensors = {f"patch.{n}": own[n] for n in patch.params}
-    tensors.update({f"stats.{n}": own[n] for n in patch.buffers})
-    tensors.update({f"head.{n}": p for n, p in model.heads[task].named_parameters()})
+    tensors = task_tensors(model, task)
     head = model.tasks[task]
     spec = dict(head.spec)
     spec.pop("options", None)
@@ -120,6 +154,7 @@ def export_task_patch(
         "channels_last": json.dumps(model.channels_last),
         "tensors_sha256": tensors_digest(tensors),
     }
+    meta["meta_sha256"] = json.dumps(metadata_digests(meta))
     return atomic_save(tensors, Path(path), meta)
 
 
@@ -127,14 +162,15 @@ def export_patches(model: PatchModule, out_dir: str | Path, metrics: dict[str, f
     """Export every task's patch file into ``out_dir``, and the base when no weights file holds it.
 
     The base is written (``base.safetensors``) when the shared weights were trained or randomly
-    initialized; otherwise the patch files name the weights they fit (``imagenet`` or a path).
+    initialized, or come from a multi-task checkpoint (``init_from``); otherwise the patch files name
+    the weights they fit (``imagenet`` or a path).
     """
     out_dir = Path(out_dir)
     metrics = metrics or {}
     backbone = model.model.backbone
     written: dict[str, Path] = {}
     base_weights = backbone.weights_source
-    if model.model.train_shared or backbone.weights_source == "random":
+    if model.model.train_shared or backbone.weights_source == "random" or "init_from" in model.hparams:
         written["base"] = atomic_save(dict(backbone.state_dict()), out_dir / BASE_FILE, base_metadata(backbone))
         base_weights = BASE_FILE
     for task in model.task_names:
@@ -161,15 +197,18 @@ def read_patch_file(path: str | Path) -> PatchFile:
         raise PatchFileError(f"{path} is truncated or not a safetensors file ({err})") from err
     if raw_meta.get("format") != "modelpatch-patch":
         raise PatchFileError(f"{path} is not a modelpatch patch file (format={raw_meta.get('format')!r})")
-    if raw_meta.get("format_version") != FORMAT_VERSION:
-        version = raw_meta.get("format_version")
-        raise PatchFileError(f"{path} has format version {version}; this reader knows {FORMAT_VERSION}")
+    version = raw_meta.get("format_version")
+    if version not in ("1", FORMAT_VERSION):
+        raise PatchFileError(f"{path} has format version {version}; this reader knows 1 and {FORMAT_VERSION}")
+    if version != "1":  # version 1 files carry no metadata checksum
+        check_metadata(path, raw_meta)
     if tensors_digest(tensors) != raw_meta.get("tensors_sha256"):
         raise PatchFileError(f"{path} was modified after it was written: its tensors do not match their checksum")
     meta = dict(raw_meta)
     for key in ("width", "features", "task_spec", "classes", "num_classes", "input_size", "mean", "std", "test_acc"):
         meta[key] = json.loads(raw_meta[key])
     meta["channels_last"] = json.loads(raw_meta.get("channels_last", "false"))  # absent in files of 2026-11-25
+    meta["transform_input"] = json.loads(raw_meta.get("transform_input", "null"))  # absent in version 1
     parts = {"patch": {}, "stats": {}, "head": {}}
     for name, tensor in tensors.items():
         kind, _, rest = name.partition(".")
@@ -204,7 +243,7 @@ def load_patched_model(
     """One backbone + K patch files -> a model that serves each file's task by name.
 
     Args:
-        files: patch files, all made on the same base with the same patch kind.
+        files: patch files, all made on the same base with the same patch kind and input normalization.
         base: base weights (``imagenet``, a path); default: the ones the files were made on.
         channels_last: run channels-last (see ``PatchModule``); default: as the first file was trained,
             so its test accuracy is reproduced exactly.
@@ -214,9 +253,13 @@ def load_patched_model(
         raise PatchFileError("no patch files given")
     first = pfs[0]
     for pf in pfs[1:]:
-        diffs = [k for k in ("backbone", "width", "fingerprint", "patch", "norm_stats") if pf.meta[k] != first.meta[k]]
+        same = ("backbone", "width", "fingerprint", "patch", "norm_stats", "mean", "std")
+        diffs = [f"{k} ({pf.meta[k]} vs {first.meta[k]})" for k in same if pf.meta[k] != first.meta[k]]
         if diffs:
-            raise PatchFileError(f"{pf.path} and {first.path} differ in {', '.join(diffs)}: serve them separately")
+            raise PatchFileError(
+                f"{pf.path} and {first.path} differ in {'; '.join(diffs)}: one model serves files made on one "
+                "base with one patch kind and one input normalization; serve them separately"
+            )
     tasks = [pf.task for pf in pfs]
     if len(set(tasks)) != len(tasks):
         raise PatchFileError(f"two patch files for the same task: {', '.join(tasks)}")
@@ -227,6 +270,7 @@ def load_patched_model(
         mean=first.meta["mean"],
         std=first.meta["std"],
     )
+    backbone.restore_transform_input(first.meta["transform_input"])  # the function the patches were trained in
     for pf in pfs:
         check_fits(backbone, pf)
     patch = resolve_patch(backbone, first.meta["patch"], norm_stats=first.meta["norm_stats"], model_name=backbone.name)
@@ -334,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             pf = read_patch_file(args.file)
             backbone = build_backbone(pf.meta["backbone"], weights=resolve_base(pf, args.base), width=pf.meta["width"])
+            backbone.restore_transform_input(pf.meta["transform_input"])
             meta = {k: v for k, v in pf.meta.items() if isinstance(v, str)}
             atomic_save(merge(pf, backbone), Path(args.out), meta)
             print(f"written: {args.out}")
