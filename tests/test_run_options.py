@@ -2,6 +2,7 @@
 for (no ``+`` needed), progress without a terminal, a quiet console, ``compile`` and bf16 mixed precision."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,6 +55,7 @@ def test_console_has_no_lightning_ads_or_deprecation_warnings(plain_run):
     text = proc.stdout + proc.stderr
     assert "Tip:" not in text and "litlogger" not in text and "litmodels" not in text
     assert "LeafSpec" not in text and "is deprecated" not in text
+    assert shutil.which("srun") and "srun" not in text  # this machine has SLURM: Lightning would hint at srun
 
 
 def test_compile_trains_with_unchanged_checkpoint_keys(make_cfg, tmp_path):

@@ -22,6 +22,8 @@ log = logging.getLogger("modelpatch")
 
 LIGHTNING_TIP = "💡 Tip:"  # how Lightning starts its advertisements (rank_zero_info)
 LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+# on a machine with SLURM installed: a hint to prepend `srun`, wrong here (hydra/launcher=slurm submits the jobs)
+SRUN_HINT = r"The `srun` command is available on your system but is not used"
 
 
 class ProgressLines(ProgressBar):
@@ -102,10 +104,12 @@ class _DropLightningTips(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Silence Lightning's advertisements and the torch deprecation warning its own code triggers."""
+    """Silence Lightning's advertisements, the torch deprecation warning its own code triggers, and its
+    ``srun`` hint (wrong for this platform, whose SLURM jobs the launcher submits)."""
     # rank_zero_info logs to the logger the last imported of these modules set (lightning_utilities' rank_zero.log)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropLightningTips) for f in logger.filters):
             logger.addFilter(_DropLightningTips())
     warnings.filterwarnings("ignore", message=LEAFSPEC_WARNING, category=FutureWarning)
+    warnings.filterwarnings("ignore", message=SRUN_HINT)
