@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= runs/main
-QUIET := trainer.enable_progress_bar=false extras.print_config=false
+QUIET := extras.print_config=false  # progress: a bar on a terminal, a line per epoch otherwise
 
 .PHONY: main test setup system-deps lint clean
 
