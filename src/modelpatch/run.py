@@ -214,8 +214,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         **cluster_trainer_kwargs(),
         **({"strategy": strategy} if strategy is not None else {}),
     )
-    sizes = {t: len(datamodule.data[t].train.labels) for t in datamodule.train_tasks}
-    log.info(describe_steps(sizes, model.mixing, datamodule.batch_size, trainer.world_size))
+    if trainer.is_global_zero:
+        sizes = {t: len(datamodule.data[t].train.labels) for t in datamodule.train_tasks}
+        log.info(describe_steps(sizes, model.mixing, datamodule.batch_size, trainer.world_size))
     setup_wandb(loggers, model.task_names)
     if loggers:
         trainer.logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
