@@ -175,3 +175,21 @@ def test_per_device_gradients_and_statistics_are_each_tasks_own(make_cfg, tmp_pa
         stats = probe_file(out, "stats", rank)
         for key in (k for k in stats if k.startswith(f"model.patches.{task}.") and "running" in k):
             torch.testing.assert_close(ckpt["state_dict"][key], stats[key], rtol=0, atol=0, msg=key)
+
+
+def test_per_device_ranks_sharing_a_task_split_it_and_average_its_gradient(make_cfg, tmp_path, data_dir, source):
+    """4 ranks, 2 tasks: each task is split over its 2 ranks only; their mean gradient is the one-process
+    gradient at twice the batch (frozen statistics: a rank's BatchNorm batch statistics would differ)."""
+    common = [*MIX, "task.tasks=[fmnist_b,digits]", "patch=bn", "patch.norm_stats=frozen"]
+    common += [f"backbone.weights={source}", *QUICK, "++trainer.max_steps=1", "callbacks=none"]
+    common += ["optimized_metric=null", "++trainer.limit_val_batches=0"]
+    one = run_one(make_cfg, tmp_path, *common, "data.batch_size=32")
+    out, log = run_ranks(tmp_path, data_dir, "four", 4, *common, "task.mixing=per_device", "data.batch_size=16")
+    assert "4 rank(s) x batch 16 per task and step = global batch 32; 3 steps per epoch" in log  # 96 / 2 / 16
+    for rank, task in enumerate(["fmnist_b", "digits", "fmnist_b", "digits"]):
+        steps = json.loads((out / "probe" / f"steps-rank{rank}.json").read_text())
+        assert [list(s["tasks"]) for s in steps] == [[task]]
+    expected, grads = probe_file(one, "grads"), probe_file(out, "grads", 3)
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)

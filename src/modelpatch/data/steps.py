@@ -43,6 +43,9 @@ class StepSampler(DistributedSampler):
 
     def __init__(self, sizes: Mapping[str, int], mixing: Mixing, batch_size: int, *, num_replicas: int = 1,
                  rank: int = 0):  # fmt: skip
+        empty = [t for t, n in sizes.items() if n == 0]
+        if empty:
+            raise ValueError(f"no training samples in task(s) {', '.join(empty)}: check their train_size")
         # not DistributedSampler.__init__: it wants one dataset and a process group
         self.sizes, self.mixing, self.batch_size = dict(sizes), mixing, batch_size
         self.tasks = list(sizes)
