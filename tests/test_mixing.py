@@ -121,3 +121,12 @@ def test_resumed_mid_epoch_the_run_continues_the_same_order(make_cfg, tmp_path, 
     resumed = json.loads((tmp_path / "probe" / "steps-rank0-resumed.json").read_text())
     assert [s["step"] for s in first] == list(range(27)) and resumed[0]["step"] == 27
     assert first + resumed == reference
+
+
+def test_a_last_batch_of_one_sample_joins_the_one_before(make_cfg, fashion_mnist):
+    """BatchNorm cannot train on one sample: 129 images at batch 16 are 7 batches of 16 and one of 17."""
+    cfg = make_cfg("task=fmnist_b", "task.train_size=129", "patch=bn", "++trainer.limit_train_batches=1.0", *MIX[-2:])
+    _, objects = train(cfg)
+    sampler = objects["trainer"].train_dataloader.sampler
+    assert [len(step["fmnist_b"]) for step in sampler] == [16] * 7 + [17]
+    assert objects["trainer"].global_step == 8

@@ -53,7 +53,7 @@ class StepSampler(DistributedSampler):
         self.epoch, self.shuffle, self.drop_last = 0, True, False
         self._resume: tuple[int, int] | None = None
         self.groups = {t: mixing.ranks_of(t, self.tasks, num_replicas) for t in self.tasks}
-        self.batches = {t: math.ceil(math.ceil(self.sizes[t] / len(self.groups[t])) / batch_size) for t in self.tasks}
+        self.batches = {t: _num_batches(math.ceil(self.sizes[t] / len(self.groups[t])), batch_size) for t in self.tasks}
 
     def schedule(self, epoch: int) -> list[tuple[str, ...]]:
         return self.mixing.schedule(self.batches, epoch=epoch, rank=self.rank, world_size=self.num_replicas)
@@ -89,8 +89,15 @@ class StepSampler(DistributedSampler):
             padded = math.ceil(n / w) * w
             order = torch.cat([order, order[: padded - n]]) if padded > n else order
             share = order[j::w].tolist()
-            for start in range(0, len(share), self.batch_size):
-                yield share[start : start + self.batch_size]
+            for b in range(_num_batches(len(share), self.batch_size)):
+                last = b == _num_batches(len(share), self.batch_size) - 1
+                yield share[b * self.batch_size : None if last else (b + 1) * self.batch_size]
+
+
+def _num_batches(n: int, batch_size: int) -> int:
+    """Batches of ``n`` samples; a last batch of one sample joins the one before (BatchNorm cannot train on
+    a single sample)."""
+    return max(1, n // batch_size) if n % batch_size == 1 else math.ceil(n / batch_size)
 
 
 class StepDataset(Dataset):
