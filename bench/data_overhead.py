@@ -75,11 +75,10 @@ def pure_epoch(model, optimizer, batches, device: str) -> float:
 
 
 def data_epoch(datamodule) -> tuple[float, int]:
-    """One pass over the training dataloader Lightning gets (``CombinedLoader``), no model."""
+    """One pass over the training dataloader Lightning gets (``TaskDataModule.train_dataloader``), no model."""
     loader = datamodule.train_dataloader()
     start = time.perf_counter()
     n = 0
-    iter(loader)  # CombinedLoader needs iter() before len()
     for batch in loader:
         item = batch[0] if isinstance(batch, tuple) else batch
         n += len(item[TASK][1])

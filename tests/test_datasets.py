@@ -206,7 +206,6 @@ def test_datamodule_mixes_streamed_and_in_memory_tasks(tmp_path):
     dm.setup()
     assert not dm.cacheable and TaskDataModule(specs[1:], root=tmp_path).cacheable
     batch = next(iter(dm.train_dataloader()))
-    batch = batch[0] if isinstance(batch, tuple) else batch
     images, labels = batch["flowers102"]
     assert images.dtype == torch.uint8 and images.shape == (4, 3, SIZE, SIZE) and labels.dtype == torch.long
     assert batch["digits"][0].shape == (4, 1, SIZE, SIZE)
@@ -227,7 +226,7 @@ def test_in_memory_augmentation_crops_and_flips(monkeypatch):
     dm = TaskDataModule([TaskSpec("digits", "digits", input_size=16, train_size=32, augment=True)], root="unused")
     dm.setup()
     assert not dm.cacheable
-    images, _ = next(iter(dm.train_dataloader()))[0]["digits"]
+    images, _ = next(iter(dm.train_dataloader()))["digits"]
     assert images.shape == (32, 1, 16, 16) and images.dtype == torch.uint8
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from modelpatch.checkpoints import CheckpointMismatchError
-from modelpatch.data import TaskError, make_mixing
+from modelpatch.data import TaskError
 from modelpatch.data.mixing import tasks_per_rank
 from modelpatch.module import TaskTrainStats
 from modelpatch.run import ConfigError, build, train
@@ -44,29 +44,6 @@ def test_multi_trains_and_tests_every_task(make_cfg, tmp_path, fashion_mnist, pa
     assert results["test_acc"] == pytest.approx(sum(metrics[f"test/{t}/acc"] for t in results["tasks"]) / 3, abs=1e-6)
 
 
-def step_tasks(model, steps):
-    chosen = []
-    for step in range(steps):
-        model._trainer = SimpleNamespace(global_step=step, world_size=1, global_rank=0)
-        chosen.append(tuple(model.tasks_for_step(model.task_names)))
-    return chosen
-
-
-def test_mixing_modes_choose_tasks_per_step(make_cfg):
-    cfg = make_cfg(*SMALL_MIX, "task.catalog.digits.train_size=640")
-    _, model = build(cfg)
-    assert step_tasks(model, 2) == [("fmnist_a", "fmnist_b", "digits")] * 2
-    model.mixing = make_mixing("round_robin", seed=model.mixing.seed)
-    assert step_tasks(model, 4) == [("fmnist_a",), ("fmnist_b",), ("digits",), ("fmnist_a",)]
-    model.mixing = make_mixing("proportional", seed=model.mixing.seed)
-    draws = step_tasks(model, 600)
-    assert draws == step_tasks(model, 600)  # the same on every rank: seeded by step
-    share = sum(d == ("digits",) for d in draws) / len(draws)
-    assert 0.7 < share < 0.9  # 640 of 768 training images
-    model.freeze_tasks(["digits"])
-    assert all(d != ("digits",) for d in step_tasks(model, 50))
-
-
 def test_per_device_assignment_and_undiluted_gradient_scale(make_cfg):
     assert tasks_per_rank(["a", "b"], 2) == ["a", "b"]
     assert tasks_per_rank(["a", "b"], 3) == ["a", "b", "a"]
@@ -74,8 +51,7 @@ def test_per_device_assignment_and_undiluted_gradient_scale(make_cfg):
         tasks_per_rank(["a", "b", "c"], 2)
     _, model = build(make_cfg(*SMALL_MIX, "task.mixing=per_device", "task.tasks=[fmnist_b,digits]"))
     model._trainer = SimpleNamespace(global_step=0, world_size=3, global_rank=2)
-    # rank 2 trains fmnist_b; DDP divides by 3 ranks, fmnist_b is on 2 of them, digits on 1.
-    assert model.tasks_for_step(model.task_names) == ["fmnist_b"]
+    # DDP divides by 3 ranks, fmnist_b is on 2 of them, digits on 1.
     assert model.loss_scale("fmnist_b") == 1.5 and model.loss_scale("digits") == 3.0
 
 

@@ -114,7 +114,7 @@ def test_datamodule_serves_a_dict_per_step_and_a_loader_per_task():
     dm.setup()
     batches = list(iter(dm.train_dataloader()))
     assert len(batches) == 4  # the larger task sets the epoch; the smaller one cycles
-    batch = batches[0][0] if isinstance(batches[0], tuple) else batches[0]
+    batch = batches[0]
     assert set(batch) == {"d1", "d2"}
     assert batch["d1"][0].shape == (16, 1, 16, 16) and batch["d2"][0].shape == (16, 1, 8, 8)
     assert len(dm.val_dataloader()) == 2

@@ -254,15 +254,9 @@ class PatchModule(L.LightningModule):
         self.inputs_are_features = bool(getattr(datamodule, "features_cached", False))
 
     def tasks_for_step(self, available: Sequence[str]) -> list[str]:
-        """Which tasks this step trains (``self.mixing`` decides). Every rank draws the same tasks (same
-        seed and step), except under ``per_device``, where each rank keeps to its own task."""
-        return self.mixing.tasks_for_step(
-            [t for t in self.trainable_tasks if t in available],
-            step=self.global_step,
-            rank=self.global_rank,
-            world_size=self.trainer.world_size,
-            sizes={t: h.train_samples for t, h in self.tasks.items()},
-        )
+        """The tasks this step trains: the trainable ones in its batch (the mixing mode decides which tasks'
+        batches a step loads, ``data.mixing``)."""
+        return [t for t in self.trainable_tasks if t in available]
 
     def loss_scale(self, task: str) -> float:
         """The factor of ``task``'s loss under DDP (``Mixing.loss_scale``)."""
@@ -289,23 +283,39 @@ class PatchModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.test_mean_acc)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Every rank builds the checkpoint (Lightning's dump_checkpoint), so this collective is safe here;
+        # rank 0 then writes statistics all ranks agree on, also in a mid-epoch checkpoint.
+        synced = self.sync_task_statistics()
+        state = checkpoint.get("state_dict")
+        if synced and state is not None:
+            state.update({k: v.detach().clone() for k, v in synced.items() if k in state})
+
     @torch.no_grad()
-    def sync_task_statistics(self) -> None:
-        """Make every rank hold the same per-task normalization statistics: under ``per_device``
-        the rank that trained a task sends them; otherwise the ranks' estimates are averaged."""
+    def sync_task_statistics(self) -> dict[str, torch.Tensor]:
+        """Make every rank hold the same per-task normalization statistics: each task's are averaged over
+        the ranks that train it (all ranks, or under ``per_device`` those given the task).
+
+        Returns:
+            The synced buffers by state-dict key (none outside DDP).
+        """
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return
-        world = torch.distributed.get_world_size()
+            return {}
+        world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         if world == 1:
-            return
-        owners = self.mixing.rank_tasks(self.trainable_tasks, world)
+            return {}
+        synced = {}
         for task in self.trainable_tasks:
-            for buf in self.model.patches[task].buffers():
-                if owners is not None:
-                    torch.distributed.broadcast(buf, src=owners.index(task))
-                elif buf.is_floating_point():
-                    torch.distributed.all_reduce(buf)
-                    buf.div_(world)
+            ranks = self.mixing.ranks_of(task, self.trainable_tasks, world)
+            for name, buf in self.model.patches[task].named_buffers():
+                if buf.is_floating_point():
+                    total = buf.clone() if rank in ranks else torch.zeros_like(buf)
+                    torch.distributed.all_reduce(total)
+                    buf.copy_(total.div_(len(ranks)))
+                else:  # counts (num_batches_tracked): the first trainer's
+                    torch.distributed.broadcast(buf, src=ranks[0])
+                synced[f"model.patches.{task}.{name}"] = buf
+        return synced
 
     def training_step(self, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch_idx: int):
         total = 0.0

@@ -35,6 +35,7 @@ from modelpatch.config import ConfigError
 from modelpatch.console import quiet_lightning
 from modelpatch.data import TaskDataModule, TaskSpec, make_mixing, task_specs
 from modelpatch.data.features import cache_features
+from modelpatch.distributed import check_distributed, ddp_strategy, describe_steps
 from modelpatch.launch import cluster_trainer_kwargs, threads_per_job
 from modelpatch.module import OptimConfig, PatchModule, TaskHead
 from modelpatch.patches import parse_kind, resolve_patch
@@ -103,6 +104,7 @@ def check_config(cfg: DictConfig) -> None:
 def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
     """Config -> (data, model). Every check happens here, before training starts."""
     check_config(cfg)
+    check_distributed(cfg)
     specs = task_specs(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
     init = read_init_checkpoint(cfg)
     kept: list[TaskSpec] = []
@@ -226,13 +228,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         f"trainer: {cfg.trainer._target_}; callbacks: {[type(c).__name__ for c in callbacks]}; "
         f"loggers: {[type(lg).__name__ for lg in loggers]}; torch threads: {torch.get_num_threads()}"
     )
+    strategy = ddp_strategy(cfg.trainer, model.mixing, model.trainable_tasks)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         **checkpointing_kwargs(cfg.trainer, callbacks),
         **cluster_trainer_kwargs(),
+        **({"strategy": strategy} if strategy is not None else {}),
     )
+    if trainer.is_global_zero:
+        sizes = {t: len(datamodule.data[t].train.labels) for t in datamodule.train_tasks}
+        log.info(describe_steps(sizes, model.mixing, datamodule.batch_size, trainer.world_size))
     setup_wandb(loggers, model.task_names)
     if loggers:
         trainer.logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
@@ -242,6 +249,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             # frozen normalization layers (norm_stats=frozen, a fixed backbone) are in eval mode on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             warnings.filterwarnings("ignore", message=NO_LAST_CHECKPOINT)  # a fresh run
+            # the datamodule resumes its sampler mid-epoch (TaskDataModule.state_dict), not the dataloader
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
             trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
     metrics = _floats(trainer.callback_metrics)
 

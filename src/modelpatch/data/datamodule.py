@@ -13,6 +13,7 @@ from modelpatch.data.disk import DISK_DATASETS, StreamSplit, load_from_disk
 from modelpatch.data.embedded import DATASETS, InMemoryDataset, load_embedded
 from modelpatch.data.mixing import AllTasks, Mixing
 from modelpatch.data.specs import Split, TaskData, TaskError, TaskSpec, check_task_names
+from modelpatch.data.steps import StepDataset, StepSampler
 
 
 def load_task(spec: TaskSpec, root: str | Path) -> TaskData:
@@ -36,13 +37,14 @@ class TaskDataModule(L.LightningDataModule):
     Args:
         specs: the tasks.
         root: folder for datasets (and the extracted copy of Fashion-MNIST).
-        batch_size: per task and step.
+        batch_size: per task, step and rank (the global batch is ``batch_size`` times the ranks that
+            train the task).
         num_workers: DataLoader workers (0 keeps everything in the main process); tasks streamed
             from disk decode and transform their images in them.
         eval_batch_size: for validation and test; defaults to ``batch_size``.
         train_tasks: the tasks that get training batches (default: all); the others are only
             validated and tested (tasks kept frozen from a loaded checkpoint).
-        mixing: the task-mixing mode, which makes the training loader (default: ``all``).
+        mixing: the task-mixing mode: which tasks' batches each step loads (default: ``all``).
     """
 
     def __init__(
@@ -67,6 +69,8 @@ class TaskDataModule(L.LightningDataModule):
         self.mixing = mixing or AllTasks()
         self.data: dict[str, TaskData] = {}
         self.features_cached = False  # set by data.features.cache_features
+        self._sampler: StepSampler | None = None
+        self._resume: dict[str, int] | None = None  # from a checkpoint, for the next train_dataloader()
 
     @property
     def task_names(self) -> list[str]:
@@ -105,11 +109,42 @@ class TaskDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0 and (train or in_memory),
         )
 
-    def train_dataloader(self):
-        loaders = {
-            n: self._loader(self.data[n].train, train=True, augment=self.data[n].spec.augment) for n in self.train_tasks
+    def train_dataloader(self) -> DataLoader:
+        """Per step, this rank's batch of each task the step trains, and only those (``data.steps``)."""
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        datasets = {}
+        for n in self.train_tasks:
+            split, augment = self.data[n].train, self.data[n].spec.augment
+            datasets[n] = InMemoryDataset(split, augment=augment) if isinstance(split, Split) else split
+        sizes = {n: len(d) for n, d in datasets.items()}
+        self._sampler = StepSampler(sizes, self.mixing, self.batch_size, num_replicas=world, rank=rank)
+        if self._resume:
+            self._sampler.resume(**self._resume)
+            self._resume = None
+        return DataLoader(
+            StepDataset(datasets),
+            sampler=self._sampler,  # a DistributedSampler: Lightning keeps it
+            batch_size=None,  # the sampler yields whole steps
+            collate_fn=_as_batch,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training is in its epoch (saved in every checkpoint), so that a run resumed mid-epoch
+        continues the same order rather than starting the epoch over."""
+        if self._sampler is None or self.trainer is None:
+            return {}
+        trainer = self.trainer
+        return {
+            "epoch": self._sampler.epoch,
+            "steps_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.processed),
+            "epoch_steps": int(trainer.num_training_batches),
         }
-        return self.mixing.train_loader(loaders)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state) or None
 
     def val_dataloader(self):
         return [self._loader(self.data[n].val, train=False) for n in self.task_names]

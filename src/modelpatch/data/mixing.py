@@ -1,10 +1,21 @@
-"""Task mixing: one class per ``task.mixing`` mode, owning both which task(s) a training step trains and
-which batches are loaded for it.
+"""Task mixing: one class per ``task.mixing`` mode, owning which task(s) each training step trains, and so
+which batches are loaded for it (``data.steps.StepSampler`` loads only those), what an epoch is, and what
+data-parallel training (DDP) needs of the mode.
 
-``all`` trains every task each step (weighted losses summed); ``round_robin`` and ``proportional`` train
-one task per step, in turn or drawn by dataset size (seeded by step, so every rank draws the same);
-``per_device`` trains task ``r`` on rank ``r``. Today every mode loads a batch of every task per step
-(``Mixing.train_loader``); a mode that trains one task may load only that task's batch by overriding it.
+A task's training set is shuffled each epoch and split over the ranks that train it (a disjoint share
+each, padded to equal length as torch's ``DistributedSampler`` does); a rank's share is cut into batches of
+``data.batch_size``. With ``b_t`` such batches of task ``t`` per rank, an epoch is:
+
+- ``all``: ``max b_t`` steps, each loading and training a batch of every task;
+- ``round_robin``: ``K * max b_t`` steps, step ``s`` loading and training task ``s mod K`` only;
+- ``proportional``: ``sum b_t`` steps, each loading and training one task, in a seeded random order in
+  which task ``t`` has ``b_t`` steps (so tasks are drawn in proportion to their sizes);
+- ``per_device``: ``max`` over ranks of that rank's batches; rank ``r`` loads and trains only task
+  ``tasks[r % K]``, whose data is split only over the ranks that train it.
+
+In every mode each task sees all of its training data (its share on each rank) once per epoch; the
+largest task exactly once, a smaller one cycles (reshuffled) where the mode gives it more steps than it
+has batches (``all``, ``round_robin``, ``per_device``). Every rank takes the same steps, in the same order.
 """
 
 from __future__ import annotations
@@ -12,8 +23,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from lightning.pytorch.utilities import CombinedLoader
-from torch.utils.data import DataLoader
 
 
 def tasks_per_rank(tasks: Sequence[str], world_size: int) -> list[str]:
@@ -27,42 +36,36 @@ def tasks_per_rank(tasks: Sequence[str], world_size: int) -> list[str]:
 
 
 class Mixing:
-    """A mixing mode. This base trains every task it is given; subclasses choose among them.
+    """A mixing mode. This base trains every task at every step (``all``).
 
     Args:
-        seed: seeds the draws of ``proportional`` (with the step).
+        seed: seeds the shuffles of each epoch (and the order of ``proportional``).
     """
 
     name = ""
+    #: some trainable parameters get no gradient on a step (another task's patch and head): DDP
+    #: must be told (``find_unused_parameters``)
+    leaves_parameters_unused = True
 
     def __init__(self, seed: int = 0):
         self.seed = seed
 
-    def train_loader(self, loaders: Mapping[str, DataLoader]) -> CombinedLoader:
-        """What the training steps get: ``{task: (images, labels)}`` per step, a batch of every task; the
-        largest task sets the epoch and the smaller ones cycle."""
-        return CombinedLoader(dict(loaders), mode="max_size_cycle")
-
-    def tasks_for_step(
-        self, tasks: Sequence[str], *, step: int, rank: int, world_size: int, sizes: Mapping[str, int]
-    ) -> list[str]:
-        """Which of ``tasks`` (trainable, in the step's batch) this step trains.
-
-        Args:
-            step: the optimizer step; rank, world_size: this process among the trainer's.
-            sizes: training samples per task.
-        """
-        if len(tasks) <= 1:
-            return list(tasks)
-        return self.choose(list(tasks), step=step, rank=rank, world_size=world_size, sizes=sizes)
-
-    def choose(self, tasks: list[str], *, step: int, rank: int, world_size: int, sizes: Mapping[str, int]) -> list[str]:
-        return tasks
+    def ranks_of(self, task: str, tasks: Sequence[str], world_size: int) -> list[int]:
+        """The ranks that train ``task`` (its training set is split over them)."""
+        return list(range(world_size))
 
     def rank_tasks(self, tasks: Sequence[str], world_size: int) -> list[str] | None:
         """The task each rank trains, where ranks train different tasks; ``None`` where every rank
         trains the same ones."""
         return None
+
+    def schedule(self, batches: Mapping[str, int], *, epoch: int, rank: int, world_size: int) -> list[tuple[str, ...]]:
+        """The tasks each step of ``epoch`` loads and trains on ``rank``.
+
+        Args:
+            batches: each task's batches per rank and epoch, in task order.
+        """
+        return [tuple(batches)] * max(batches.values(), default=0)
 
     def loss_scale(self, task: str, tasks: Sequence[str], world_size: int) -> float:
         """The factor of ``task``'s loss (DDP averages gradients over all ranks)."""
@@ -73,39 +76,47 @@ class AllTasks(Mixing):
     """``all``: every step trains every task."""
 
     name = "all"
+    leaves_parameters_unused = False
 
 
 class RoundRobin(Mixing):
-    """``round_robin``: step ``s`` trains task ``s mod K``."""
+    """``round_robin``: step ``s`` trains task ``s mod K``; every task gets ``max b_t`` steps an epoch."""
 
     name = "round_robin"
 
-    def choose(self, tasks, *, step, rank, world_size, sizes):
-        return [tasks[step % len(tasks)]]
+    def schedule(self, batches, *, epoch, rank, world_size):
+        tasks = list(batches)
+        return [(tasks[s % len(tasks)],) for s in range(len(tasks) * max(batches.values(), default=0))]
 
 
 class Proportional(Mixing):
-    """``proportional``: each step trains one task drawn by training-set size, seeded by (seed, step)."""
+    """``proportional``: each step trains one task; an epoch holds each task's batches once, in a random order
+    seeded by (seed, epoch), the same on every rank."""
 
     name = "proportional"
 
-    def choose(self, tasks, *, step, rank, world_size, sizes):
-        weights = torch.tensor([max(1, sizes.get(t, 0)) for t in tasks], dtype=torch.float)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return [tasks[int(torch.multinomial(weights, 1, generator=gen))]]
+    def schedule(self, batches, *, epoch, rank, world_size):
+        steps = [(t,) for t, n in batches.items() for _ in range(n)]
+        order = torch.randperm(len(steps), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        return [steps[i] for i in order.tolist()]
 
 
 class PerDevice(Mixing):
-    """``per_device``: rank ``r`` trains ``tasks[r % K]``; its loss is scaled so that DDP's averaging over
-    all ranks does not dilute the gradient of its patch."""
+    """``per_device``: rank ``r`` trains ``tasks[r % K]`` on all of that task's data (split over the ranks
+    that share it); its loss is scaled so that DDP's averaging over all ranks does not dilute the
+    gradient of its patch."""
 
     name = "per_device"
 
-    def choose(self, tasks, *, step, rank, world_size, sizes):
-        return [tasks_per_rank(tasks, world_size)[rank]]
+    def ranks_of(self, task, tasks, world_size):
+        return [r for r, t in enumerate(tasks_per_rank(list(tasks), world_size)) if t == task]
 
     def rank_tasks(self, tasks, world_size):
         return tasks_per_rank(list(tasks), world_size)
+
+    def schedule(self, batches, *, epoch, rank, world_size):
+        own = tasks_per_rank(list(batches), world_size)[rank]
+        return [(own,)] * max(batches.values(), default=0)
 
     def loss_scale(self, task, tasks, world_size):
         """A task trained on n of W ranks is scaled by W/n: its patch and head get the mean gradient

@@ -1,0 +1,120 @@
+"""The training loader: per step, this rank's batch of each task the step trains (``{task: (images,
+labels)}``), and nothing else; which tasks, and what an epoch is, the mixing mode says (``data.mixing``).
+
+``StepSampler`` yields each step's indices (``{task: [i, ...]}``) and ``StepDataset`` loads them. A run
+resumed mid-epoch continues the same (seeded) order: a checkpoint records the epoch and the steps done
+in it (``TaskDataModule.state_dict``), and the restarted sampler skips those (``StepSampler.resume``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, DistributedSampler, default_collate
+
+from modelpatch.data.mixing import Mixing
+
+
+def _generator(seed: int, epoch: int, task: str, repeat: int) -> torch.Generator:
+    key = [seed, epoch, zlib.crc32(task.encode()), repeat]  # by name: the same order in any mix of tasks
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+
+class StepSampler(DistributedSampler):
+    """Each step's indices on one rank: ``{task: [sample indices]}`` for the tasks the step trains.
+
+    A ``DistributedSampler`` so that Lightning keeps it rather than putting its own over the data: it
+    splits each task's data over the ranks that train it (``Mixing.ranks_of``) itself. Task ``t``'s order
+    in an epoch is a permutation seeded by (seed, epoch, t's name), whatever the ranks and other tasks:
+    rank ``j`` of ``w`` takes items ``j, j + w, ...``, so the first batches of ``w`` ranks at batch size
+    ``B / w`` hold the same samples as the first batch of one process at batch size ``B``.
+
+    Args:
+        sizes: training samples per task, in task order.
+        mixing: the mode (schedule and sharding).
+        batch_size: per rank, task and step.
+        num_replicas, rank: this process among the trainer's.
+    """
+
+    def __init__(self, sizes: Mapping[str, int], mixing: Mixing, batch_size: int, *, num_replicas: int = 1,
+                 rank: int = 0):  # fmt: skip
+        empty = [t for t, n in sizes.items() if n == 0]
+        if empty:
+            raise ValueError(f"no training samples in task(s) {', '.join(empty)}: check their train_size")
+        # not DistributedSampler.__init__: it wants one dataset and a process group
+        self.sizes, self.mixing, self.batch_size = dict(sizes), mixing, batch_size
+        self.tasks = list(sizes)
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, mixing.seed
+        self.epoch, self.shuffle, self.drop_last = 0, True, False
+        self._resume: tuple[int, int] | None = None
+        self.groups = {t: mixing.ranks_of(t, self.tasks, num_replicas) for t in self.tasks}
+        self.batches = {t: _num_batches(math.ceil(self.sizes[t] / len(self.groups[t])), batch_size) for t in self.tasks}
+
+    def schedule(self, epoch: int) -> list[tuple[str, ...]]:
+        return self.mixing.schedule(self.batches, epoch=epoch, rank=self.rank, world_size=self.num_replicas)
+
+    def __len__(self) -> int:
+        return len(self.schedule(self.epoch))
+
+    def resume(self, epoch: int, steps_done: int, epoch_steps: int) -> None:
+        """Continue ``epoch`` after its first ``steps_done`` steps (the next epoch if it was finished)."""
+        if steps_done >= epoch_steps:
+            epoch, steps_done = epoch + 1, 0
+        self.epoch = epoch
+        self._resume = (epoch, steps_done)
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1]
+        self._resume = None
+        return itertools.islice(self._steps(self.epoch), skip, None)
+
+    def _steps(self, epoch: int) -> Iterator[dict[str, list[int]]]:
+        streams = {t: self._task_batches(t, epoch) for t in self.tasks if self.rank in self.groups[t]}
+        for tasks in self.schedule(epoch):
+            yield {t: next(streams[t]) for t in tasks}
+
+    def _task_batches(self, task: str, epoch: int) -> Iterator[list[int]]:
+        """This rank's batches of ``task``: its share of a fresh permutation on each pass over the data."""
+        n, group = self.sizes[task], self.groups[task]
+        w, j = len(group), group.index(self.rank)
+        for repeat in itertools.count():
+            order = torch.randperm(n, generator=_generator(self.seed, epoch, task, repeat))
+            padded = math.ceil(n / w) * w
+            order = torch.cat([order, order[: padded - n]]) if padded > n else order
+            share = order[j::w].tolist()
+            for b in range(_num_batches(len(share), self.batch_size)):
+                last = b == _num_batches(len(share), self.batch_size) - 1
+                yield share[b * self.batch_size : None if last else (b + 1) * self.batch_size]
+
+
+def _num_batches(n: int, batch_size: int) -> int:
+    """Batches of ``n`` samples; a last batch of one sample joins the one before (BatchNorm cannot train on
+    a single sample)."""
+    return max(1, n // batch_size) if n % batch_size == 1 else math.ceil(n / batch_size)
+
+
+class StepDataset(Dataset):
+    """Loads a step's indices ``{task: [i, ...]}`` as ``{task: (images, labels)}``: a whole batch at once
+    where the task's dataset can (``__getitems__``), else item by item, collated."""
+
+    def __init__(self, datasets: Mapping[str, Dataset]):
+        self.datasets = dict(datasets)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets.values())
+
+    def __getitem__(self, step: Mapping[str, Sequence[int]]):
+        return {task: _load(self.datasets[task], indices) for task, indices in step.items()}
+
+
+def _load(dataset: Dataset, indices: Sequence[int]):
+    if hasattr(dataset, "__getitems__"):
+        return dataset.__getitems__(list(indices))
+    return default_collate([dataset[i] for i in indices])
