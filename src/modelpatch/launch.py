@@ -24,7 +24,8 @@ from hydra.errors import ConfigCompositionException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-import modelpatch.slurm  # noqa: F401  (registers the mp.slurm_gpus, mp.cpus_per_task, mp.requeues resolvers)
+import modelpatch.ranks  # (registers the mp.rank_zero_only, mp.rank_suffix resolvers)
+import modelpatch.slurm  # noqa: F401  (registers the mp.slurm_nodes, mp.slurm_gpus, mp.cpus_per_task, mp.requeues resolvers)
 
 log = logging.getLogger("modelpatch")
 

@@ -39,6 +39,7 @@ from modelpatch.distributed import check_distributed, ddp_strategy, describe_ste
 from modelpatch.launch import cluster_trainer_kwargs, threads_per_job
 from modelpatch.module import OptimConfig, PatchModule, TaskHead
 from modelpatch.patches import parse_kind, resolve_patch
+from modelpatch.ranks import is_launch_rank_zero
 from modelpatch.serving import export_patches, load_patched_model, read_patch_file
 from modelpatch.wandb_utils import setup_wandb
 
@@ -82,6 +83,8 @@ def extras(cfg: DictConfig) -> None:
 
 @rank_zero_only
 def _save_and_print_config(cfg: DictConfig) -> None:
+    if not is_launch_rank_zero():  # another node's first process (rank_zero_only only reads LOCAL_RANK yet)
+        return
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg, resolve=True)

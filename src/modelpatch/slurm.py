@@ -1,8 +1,10 @@
-"""What a run's SLURM job asks for: GPUs only where the partition has them, CPUs for its data loaders, and
-enough requeues for the run's expected hours.
+"""What a run's SLURM job asks for: the trainer's nodes and devices, GPUs only where the partition has them, CPUs
+for its data loaders, and enough requeues for the run's expected hours.
 
 Resolvers for ``conf/hydra/launcher/slurm.yaml``, registered when this module is imported (``launch`` does):
 
+- ``${mp.slurm_nodes:${trainer.num_nodes},<strategy>}``: ``--nodes``; more than one needs a strategy Lightning
+  runs across nodes (DDP, FSDP, DeepSpeed or ``auto``, which picks DDP), else an error before submitting.
 - ``${mp.slurm_gpus:${trainer.accelerator},${trainer.devices},${hydra.launcher.partition}}``: ``--gpus-per-node``.
   ``cpu``: none. ``auto``: one per device where the partition's nodes have GPUs (sinfo's GRES), none where
   they have none (the job then trains on CPUs). ``gpu``/``cuda`` on a partition without GPUs: an error,
@@ -10,6 +12,11 @@ Resolvers for ``conf/hydra/launcher/slurm.yaml``, registered when this module is
 - ``${mp.cpus_per_task:${data.num_workers}}``: one CPU for the training process and one per DataLoader worker.
 - ``${mp.requeues:${wall_hours},${.timeout_min}}``: time-outs submitit requeues, so that
   ``timeout_min x (requeues + 1)`` covers ``wall_hours`` with one attempt to spare (at least 3).
+
+:class:`CheckSlurmShape` (``hydra.callbacks``) stops a SLURM multirun before anything is submitted when the job's
+shape and the trainer's disagree: ``hydra.launcher.nodes``/``tasks_per_node`` set by hand to other values than
+``trainer.num_nodes``/``trainer.devices`` (Lightning's SLURM environment needs them equal), or one of those swept
+(one array job has one shape).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import shutil
 import subprocess
 from typing import Any
 
-from omegaconf import OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("modelpatch")
 
@@ -92,6 +101,40 @@ def slurm_gpus(accelerator: Any, devices: Any, partition: Any) -> int | None:
     )
 
 
+MULTI_NODE_STRATEGIES = ("ddp", "fsdp", "deepspeed")  # and "auto" (Lightning picks DDP for several nodes)
+SINGLE_PROCESS_LAUNCH = ("spawn", "fork", "notebook")  # start their own processes: SLURM starts one per task
+
+
+def strategy_name(strategy: Any) -> str:
+    """``trainer.strategy`` as a name: a string (``ddp``), a config's ``_target_`` (``...DDPStrategy``), or
+    ``auto`` when unset."""
+    if strategy in (None, "None", "null"):
+        return "auto"
+    if isinstance(strategy, DictConfig | dict):
+        return str(strategy.get("_target_", "?")).rsplit(".", 1)[-1]
+    return str(strategy)
+
+
+def slurm_nodes(num_nodes: Any, strategy: Any = "auto") -> int:
+    """``--nodes``: ``trainer.num_nodes``, checked.
+
+    Raises:
+        SlurmResourceError: not a positive number, or several nodes with a strategy that cannot span them.
+    """
+    text = str(num_nodes).strip()
+    if not text.isdigit() or int(text) < 1:
+        raise SlurmResourceError(f"trainer.num_nodes={num_nodes!r}: set it to a number of nodes (1, 2, ...)")
+    nodes, name = int(text), strategy_name(strategy)
+    lowered = name.lower()
+    spans = lowered == "auto" or any(k in lowered for k in MULTI_NODE_STRATEGIES)
+    if nodes > 1 and (not spans or any(k in lowered for k in SINGLE_PROCESS_LAUNCH)):
+        raise SlurmResourceError(
+            f"trainer.num_nodes={nodes} with trainer.strategy={name}: several nodes need DDP, where SLURM starts "
+            f"one process per device on every node; use trainer=ddp (or trainer.strategy=ddp); nothing was submitted"
+        )
+    return nodes
+
+
 def cpus_per_task(num_workers: Any) -> int:
     """One CPU for the training process and one per DataLoader worker (``data.num_workers``)."""
     return 1 + max(0, int(num_workers or 0))
@@ -105,8 +148,63 @@ def requeues(wall_hours: Any, timeout_min: Any) -> int:
     return max(DEFAULT_REQUEUES, math.ceil(60 * float(wall_hours) / float(timeout_min)))
 
 
+SHAPE = {"nodes": "trainer.num_nodes", "tasks_per_node": "trainer.devices"}
+
+
+def slurm_shape_problems(config: DictConfig) -> list[str]:
+    """What is wrong with a SLURM multirun's shape (empty: nothing); see :class:`CheckSlurmShape`."""
+    from modelpatch.launch import device_count
+
+    launcher, trainer = config.hydra.launcher, config.trainer
+    task_overrides = OmegaConf.to_container(config.hydra.overrides, resolve=False)["task"]
+    problems = [
+        f"{o.input_line}: one SLURM array job has one shape (nodes, tasks per node); run one multirun per value"
+        for o in OverridesParser.create().parse_overrides(overrides=task_overrides)
+        if o.key_or_group in SHAPE.values() and o.is_sweep_override()
+    ]
+    try:
+        wanted = {
+            "nodes": slurm_nodes(trainer.get("num_nodes", 1), trainer.get("strategy")),
+            "tasks_per_node": device_count(trainer.devices),
+        }
+        asked = {key: launcher.get(key) for key in SHAPE}
+    except Exception as err:  # a resolver's error (wrapped by OmegaConf) names the bad value
+        return [*problems, str(getattr(err, "__cause__", None) or err)]
+    for key, source in SHAPE.items():
+        if asked[key] != wanted[key]:
+            problems.append(
+                f"hydra.launcher.{key}={asked[key]} but {source} asks for {wanted[key]}: Lightning needs one task per "
+                f"device on each of trainer.num_nodes nodes; drop hydra.launcher.{key} (it follows {source}) or set "
+                f"{source}={asked[key]}"
+            )
+    return problems
+
+
+class SlurmShapeError(SystemExit):
+    """A SLURM multirun whose job shape does not fit the trainer. A ``SystemExit`` (status 1, the message on
+    stderr) because Hydra turns any ``Exception`` a callback raises into a warning."""
+
+
+class CheckSlurmShape(Callback):
+    """``hydra.callbacks``: before a ``hydra/launcher=slurm`` multirun submits anything, check that each job asks
+    for ``trainer.num_nodes`` nodes with ``trainer.devices`` tasks on each (:func:`slurm_shape_problems`)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not str(config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher"):
+            return
+        problems = slurm_shape_problems(config)
+        if problems:
+            raise SlurmShapeError("Error: the SLURM job does not fit the trainer: " + "; ".join(problems))
+
+
 def _register_resolvers() -> None:
-    for name, fn in {"mp.slurm_gpus": slurm_gpus, "mp.cpus_per_task": cpus_per_task, "mp.requeues": requeues}.items():
+    resolvers = {
+        "mp.slurm_nodes": slurm_nodes,
+        "mp.slurm_gpus": slurm_gpus,
+        "mp.cpus_per_task": cpus_per_task,
+        "mp.requeues": requeues,
+    }
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 
