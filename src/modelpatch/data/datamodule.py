@@ -99,11 +99,18 @@ class TaskDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
-            drop_last=False,
+            drop_last=train and self._last_batch_of_one(len(dataset)),
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0 and (train or in_memory),
         )
+
+    def _last_batch_of_one(self, samples: int) -> bool:
+        """Whether a rank's training epoch would end in a batch of one image, which BatchNorm cannot
+        train on (``Expected more than 1 value per channel``): such a batch is dropped."""
+        world = self.trainer.world_size if self.trainer is not None else 1
+        per_rank = -(-samples // world)  # DistributedSampler pads every rank to the same count
+        return per_rank > 1 and per_rank % self.batch_size == 1
 
     def train_dataloader(self):
         loaders = {
