@@ -60,3 +60,7 @@ def test_results_and_optimized_metric_are_the_tested_checkpoints(make_cfg, tmp_p
     assert torch.equal(exported, ckpt["state_dict"]["heads.digits.bias"])
     counts = torch.bincount(objects["datamodule"].data["digits"].val.labels, minlength=10)
     assert int(exported.argmax()) == int(counts.argmax()) != int(counts.argmin())
+    # while last.ckpt, what a resumed run starts from, is the latest state (not the best epoch's)
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, objects["trainer"].global_step)
+    assert int(last["state_dict"]["heads.digits.bias"].argmax()) == int(counts.argmin())

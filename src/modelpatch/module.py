@@ -127,9 +127,9 @@ class PatchModule(L.LightningModule):
         optim: optimizer settings.
         mean, std: input normalization (per channel, for ``[0, 1]`` images).
         train_shared: also train the backbone parameters no patch selects.
-        channels_last: hold convolution weights and inputs channels-last (NHWC): 2-3x faster
-            training of MobileNets on CPU (docs/benchmarks.md); the numbers are the same up to
-            float rounding.
+        channels_last: hold convolution weights and inputs channels-last (NHWC): a mobilenet_v2
+            training step on CPU 1.5x faster for ``bn``, 2.4x for ``full`` (docs/benchmarks.md,
+            step-time); the numbers are the same up to float rounding.
         mixing: the task-mixing mode (``modelpatch.data.mixing``), or its name; ``mix_seed`` seeds a named one.
         lean_backward: frozen convolutions keep only their weight for backward, not their input
             (``memory.LeanConv2d``): about a third less activation memory for ``bn`` patches.
