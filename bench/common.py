@@ -34,8 +34,8 @@ SECTIONS = ("summary", "step-time", "feature-cache", "data-overhead", "startup",
 INTRO = """# Benchmarks
 
 What a patch saves when training and serving, measured on the machine named beside each table.
-Reproduce every table (about 7 minutes of measuring on 2 idle CPU cores, 9-18 minutes in all with
-the waits for a quiet machine):
+Reproduce every table (`run_all.sh` prints how long it took; most of it can be the waits for a quiet
+machine):
 
 ```bash
 bash bench/run_all.sh                  # all scripts, CPU; rewrites the tables below

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run every benchmark and rewrite its table in docs/benchmarks.md (about 25 minutes on 2 CPU cores).
+# Run every benchmark and rewrite its table in docs/benchmarks.md; prints how long it took.
 #   bash bench/run_all.sh                 # CPU, full repetitions
 #   bash bench/run_all.sh --quick         # smoke run: fewer repetitions, prints only
 #   bash bench/run_all.sh --device cuda   # on a GPU

@@ -4,9 +4,10 @@ The model is built like ``tests/test_serving.py``'s ``tiny_model`` but at width 
 K=3 tasks (3, 5 and 4 classes), every task's patch and BatchNorm statistics perturbed so that the
 tasks differ, eval mode, ``torch.no_grad()``. A batch of 256 uint8 32x32 images, each sample drawn
 for a random task, is served (a) in one ``forward_mixed(images, tasks)`` call, (b) split by task
-with one ``model(images_t, t)`` per task and the logits put back in batch order.
+with one ``model(images_t, t)`` per task and the logits put back in batch order. Both layouts: channels-last
+(the default of runs, so of the models they export) and NCHW.
 
-    .venv/bin/python bench/serving.py [--quick] [--device cuda]
+    .venv/bin/python bench/serving.py [--quick] [--device cuda] [--layouts channels_last,nchw]
 """
 
 from __future__ import annotations
@@ -43,14 +44,17 @@ CASES = (
     ("bn+dw", "bn+dw", "task"),
     ("logits", "logits", "task"),
     ("logits, norm_stats=frozen", "logits", "frozen"),
+    ("full", "full", "task"),  # no per-sample layer: one pass per task inside forward_mixed
 )
+LAYOUTS = {"channels_last": True, "nchw": False}
 
 
-def build_model(kind: str, norm_stats: str, device: str) -> PatchModule:
+def build_model(kind: str, norm_stats: str, device: str, channels_last: bool = True) -> PatchModule:
     torch.manual_seed(0)
     backbone = build_backbone("mobilenet_v2", width=1.0)
     heads = [TaskHead(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": SIZE}) for n, k in TASKS]
-    model = PatchModule(backbone, resolve_patch(backbone, kind, norm_stats=norm_stats), heads)
+    patch = resolve_patch(backbone, kind, norm_stats=norm_stats)
+    model = PatchModule(backbone, patch, heads, channels_last=channels_last)
     with torch.no_grad():  # make every task's patch and statistics differ (as tiny_model does)
         for name in model.task_names:
             for p in model.model.patches[name].parameters():
@@ -76,7 +80,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--rounds", type=int, default=None, help="timed calls per way (default 5; --quick 1)")
+    parser.add_argument("--layouts", default="channels_last,nchw", help="comma-separated: channels_last, nchw")
     args = parser.parse_args()
+    layouts = args.layouts.split(",")
+    unknown = [name for name in layouts if name not in LAYOUTS]
+    if unknown:
+        parser.error(f"--layouts: unknown {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
     device = check_device(args.device)
     apply_threads(args)
     rounds = args.rounds or (1 if args.quick else 5)
@@ -102,8 +111,9 @@ def main() -> None:
     print(f"[serving] {load_note}", file=sys.stderr)
     rows, results = [], {}
     with CpuMonitor() as monitor, torch.no_grad():
-        for label, kind, norm_stats in CASES:
-            model = build_model(kind, norm_stats, device)
+        for layout, (label, kind, norm_stats) in ((ly, c) for ly in layouts for c in CASES):
+            model = build_model(kind, norm_stats, device, channels_last=LAYOUTS[layout])
+            label = f"{label} ({layout})"
             ways = {
                 "mixed": lambda m=model: m.forward_mixed(images, tasks),
                 "per_task": lambda m=model: per_task(m, images, tasks),
@@ -122,6 +132,7 @@ def main() -> None:
             rows.append(
                 [
                     f"`{kind}`" + (" (`norm_stats=frozen`)" if norm_stats == "frozen" else ""),
+                    layout,
                     f"{BATCH / med['mixed']:,.0f}",
                     f"{BATCH / med['per_task']:,.0f}",
                     f"{med['per_task'] / med['mixed']:.2f}x",
@@ -134,6 +145,7 @@ def main() -> None:
     tab = md_table(
         [
             "patch",
+            "layout",
             "mixed images/s (`forward_mixed`)",
             "per-task images/s (K passes)",
             "mixed / per-task throughput",
@@ -147,7 +159,9 @@ def main() -> None:
         f"mobilenet_v2 1.0, K={len(TASKS)} tasks ({', '.join(f'{n}: {k} classes' for n, k in TASKS)}), built like "
         f"`tests/test_serving.py:tiny_model` (random init, every task's patch and statistics perturbed; "
         f"`resolve_patch` default `norm_stats=task`, plus one `logits` row with shared, frozen statistics), eval "
-        f"mode, `torch.no_grad()`. Batch {BATCH} of uint8 [3, {SIZE}, {SIZE}] images, tasks drawn at random "
+        f"mode, `torch.no_grad()`, in each layout: channels-last (`PatchModule(channels_last=True)`, the default "
+        f"of runs and so of the models they export) and NCHW. `full` has no per-sample layer: `forward_mixed` "
+        f"runs one pass per task for it. Batch {BATCH} of uint8 [3, {SIZE}, {SIZE}] images, tasks drawn at random "
         f"({', '.join(f'{n}: {c}' for n, c in counts.items())} samples). *Mixed*: one "
         f"`model.forward_mixed(images, tasks)`. *Per-task*: the batch split by task, one `model(images_t, t)` "
         f"per task, logits scattered back (the same [N, max classes] output, `-inf` padded). *Reference*: the "

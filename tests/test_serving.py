@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import modelpatch.serving as serving
 from modelpatch.backbones import build_backbone
@@ -44,7 +45,9 @@ def test_train_export_then_eval_in_a_fresh_process_gives_the_same_accuracy(make_
     assert evaluated["test_acc"] == evaluated["trained_test_acc"] == results["tasks"]["digits"]["test_acc"]
 
 
-def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str = "task") -> PatchModule:
+def tiny_model(
+    kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str = "task", channels_last: bool = False
+) -> PatchModule:
     torch.manual_seed(0)
     backbone = build_backbone("mobilenet_v2", width=0.25)
     with torch.no_grad():  # shared statistics and scales that differ per channel, as a trained model's
@@ -52,7 +55,8 @@ def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str 
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
     heads = [TaskHead(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": 32}) for n, k in tasks]
-    model = PatchModule(backbone, resolve_patch(backbone, kind, norm_stats=norm_stats), heads)
+    patch = resolve_patch(backbone, kind, norm_stats=norm_stats)
+    model = PatchModule(backbone, patch, heads, channels_last=channels_last)
     with torch.no_grad():  # make every task's patch and statistics differ
         for name in model.task_names:
             for p in model.model.patches[name].parameters():
@@ -63,8 +67,9 @@ def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str 
     return model.eval()
 
 
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize(
-    ("kind", "norm_stats", "vectorized"),
+    ("kind", "norm_stats", "by_task"),
     [
         ("bn", "task", False),
         ("bn+dw", "task", False),
@@ -72,16 +77,18 @@ def tiny_model(kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str 
         ("bias", "frozen", False),  # per-task BatchNorm bias, shared scale and statistics
         ("dw", "frozen", False),
         ("full", "task", True),
+        ("bn+dw+bias", "task", False),
     ],
 )
-def test_mixed_task_batch_equals_per_task_passes(kind, norm_stats, vectorized, tmp_path):
-    model = tiny_model(kind, norm_stats=norm_stats)
-    # bn and dw tensors run in the per-sample twin of the backbone; others through vmap
-    assert (mixed_twin(model.model) is None) == vectorized
+def test_mixed_task_batch_equals_per_task_passes(kind, norm_stats, by_task, channels_last, tmp_path):
+    model = tiny_model(kind, norm_stats=norm_stats, channels_last=channels_last)
+    # bn and dw tensors run in the per-sample twin of the backbone; others one pass per task
+    assert (mixed_twin(model.model) is None) == by_task
     images = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
     tasks = ["a", "b", "c", "b", "a", "c", "c", "b", "a", "a", "b", "c"]
     export_patches(model, tmp_path)
     served = load_patched_model(sorted(tmp_path.glob("[abc].safetensors")))
+    assert served.channels_last is channels_last
     with torch.no_grad():
         mixed = served.forward_mixed(images, tasks)
         for i, task in enumerate(tasks):
@@ -91,6 +98,41 @@ def test_mixed_task_batch_equals_per_task_passes(kind, norm_stats, vectorized, t
             assert torch.isinf(mixed[i, k:]).all()
         for task in "abc":  # the served model is the trained one, exactly
             assert torch.equal(served(images, task), model(images, task))
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """Sums the bytes of every tensor the ops under it create (views excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view:
+            leaves = out if isinstance(out, (tuple, list)) else [out]
+            self.total += sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+        return out
+
+
+@pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
+def test_mixed_batch_of_a_full_patch_costs_what_one_pass_per_task_does(channels_last):
+    # no copy of the patched tensors per sample: what the call allocates grows with K, not with the batch
+    model = tiny_model("full", channels_last=channels_last)
+    patch_bytes = sum(t.numel() * t.element_size() for t in model.model.patches["a"].tensors().values())
+    gen = torch.Generator().manual_seed(0)
+    for n in (12, 48):
+        images = torch.randint(0, 256, (n, 1, 32, 32), dtype=torch.uint8, generator=gen)
+        tasks = ["abc"[i % 3] for i in range(n)]
+        with torch.no_grad():
+            with AllocatedBytes() as mixed_bytes:
+                mixed = model.forward_mixed(images, tasks)
+            with AllocatedBytes() as split_bytes:
+                split = {t: model(images[i::3], t) for i, t in enumerate("abc")}
+        assert mixed_bytes.total < 1.5 * split_bytes.total + patch_bytes, (n, mixed_bytes.total, split_bytes.total)
+        for i, t in enumerate("abc"):
+            k = model.tasks[t].num_classes
+            torch.testing.assert_close(mixed[i::3, :k], split[t], rtol=1e-5, atol=1e-6)
 
 
 def test_patch_for_another_backbone_or_base_is_refused(tmp_path):

@@ -137,6 +137,7 @@ def test_sweep_options_the_command_line_also_sets_are_refused(tmp_path):
 def test_metric_names_map_to_results_json():
     results = {"val_acc": 0.5, "test_acc": 0.4, "tasks": {"digits": {"val_acc": 0.7, "test_acc": 0.6}}}
     assert metric_value(results, "val/acc") == 0.5 and metric_value(results, "test/digits/acc") == 0.6
+    assert metric_value(results, "val/acc_best") == 0.5  # results.json's val_acc is the tested (best) checkpoint's
     with pytest.raises(SweepError, match=r"'val/loss' is not in results.json; use val/acc.*tasks of this run: digits"):
         metric_value(results, "val/loss")
 

@@ -253,8 +253,11 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
+        # torch's own message (an unpickler's advice to file an issue) says nothing of what was expected
         raise BackboneError(
-            f"cannot read {path} as a weights-only torch file ({err}); only tensors and plain containers are accepted"
+            f"backbone weights file {str(path)!r} is not a checkpoint torch can read safely ({type(err).__name__}): "
+            "expected a modelpatch/Lightning .ckpt, a state dict saved with torch.save (tensors in plain "
+            "containers, read with weights_only=True) or a .safetensors file"
         ) from err
     if isinstance(obj, Mapping) and "state_dict" in obj:
         return backbone_state_from_checkpoint(obj, path), transform_input_from_hparams(obj.get("hyper_parameters", {}))

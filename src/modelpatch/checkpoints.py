@@ -107,6 +107,82 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 NO_LAST_CHECKPOINT = r'.*ckpt_path="last"\) is set, but there is no last checkpoint available'
 
+# The options a resumed run must share with the run that wrote its checkpoint (others, such as
+# trainer.max_epochs, devices or loggers, may change on resume).
+RESUME_KEYS = (
+    "backbone",
+    "patch",
+    "task",
+    "optim",
+    "data.batch_size",
+    "seed",
+    "channels_last",
+    "lean_backward",
+    "init_from",
+    "trainer.precision",
+    "trainer.accumulate_grad_batches",
+)
+
+
+def resume_file(cfg: DictConfig) -> Path | None:
+    """The checkpoint file ``resume_path`` makes Lightning resume from, if it exists."""
+    path = resume_path(cfg)
+    if path is None:
+        return None
+    if path != "last":
+        return Path(to_absolute_path(path))
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    last = Path(checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints") / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """Refuse to resume from a checkpoint written under other options (``RESUME_KEYS``), naming each."""
+    path = resume_file(cfg)
+    if path is None or not path.is_file():
+        return
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        saved = ckpt["hyper_parameters"]["meta"]["config"]
+    except Exception as err:
+        raise ConfigError(
+            f"cannot resume from {path}: not a modelpatch checkpoint ({type(err).__name__}); "
+            "delete it or run with resume=false to start fresh"
+        ) from err
+    from omegaconf import OmegaConf
+
+    now = OmegaConf.to_container(cfg, resolve=True)
+    diffs = []
+    for key in RESUME_KEYS:
+        before, after = _lookup(saved, key), _lookup(now, key)
+        if before != after:
+            diffs.extend(_differences(key, before, after))
+    if diffs:
+        how = "drop ckpt_path" if cfg.get("ckpt_path") else f"resume=false to start fresh (overwrites {path.parent})"
+        raise ConfigError(
+            f"cannot resume from {path}: it was written with other options: {'; '.join(diffs)}. "
+            f"Run with the checkpoint's options to resume, or {how}"
+        )
+
+
+def _lookup(tree: object, key: str) -> object:
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, Mapping) else None
+    return tree
+
+
+def _differences(key: str, before: object, after: object) -> list[str]:
+    """``key: <checkpoint> in the checkpoint, <now> now`` for each differing leaf."""
+    if isinstance(before, Mapping) and isinstance(after, Mapping):
+        out = []
+        for k in sorted(set(before) | set(after), key=str):
+            if before.get(k) != after.get(k):
+                out.extend(_differences(f"{key}.{k}", before.get(k), after.get(k)))
+        return out
+    return [f"{key}={before!r} in the checkpoint, {after!r} now"]
+
 
 def read_init_checkpoint(cfg: DictConfig) -> tuple[dict, dict, str] | None:
     """The ``init_from`` checkpoint (state dict, hyper-parameters, path), checked against cfg."""

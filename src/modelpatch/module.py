@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -10,7 +11,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import Metric
+from torchmetrics import MaxMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from modelpatch.backbones import Backbone
@@ -36,7 +37,7 @@ class TaskHead:
 
 @dataclass
 class OptimConfig:
-    """Optimizer and schedule. ``None`` learning rates fall back to ``lr``."""
+    """Optimizer and schedule. ``None`` learning rates fall back to ``lr`` (``0.0`` is a rate: frozen)."""
 
     name: str = "sgd"
     lr: float = 0.05
@@ -53,6 +54,18 @@ class OptimConfig:
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
 SCHEDULERS = ("cosine", "constant")
+
+
+def check_optim(optim: OptimConfig) -> None:
+    """Names and values of ``optim.*`` that cannot be trained with: an error naming the option."""
+    if optim.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={optim.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
+    if optim.scheduler not in SCHEDULERS:
+        raise ValueError(f"optim.scheduler={optim.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    for key in ("lr", "patch_lr", "head_lr", "shared_lr", "warmup_epochs"):
+        value = getattr(optim, key)
+        if value is not None and value < 0:
+            raise ValueError(f"optim.{key}={value} is negative; use a rate >= 0 (null: optim.lr)")
 
 
 class TaskMeanAccuracy(Metric):
@@ -114,9 +127,9 @@ class PatchModule(L.LightningModule):
         optim: optimizer settings.
         mean, std: input normalization (per channel, for ``[0, 1]`` images).
         train_shared: also train the backbone parameters no patch selects.
-        channels_last: hold convolution weights and inputs channels-last (NHWC): 2-3x faster
-            training of MobileNets on CPU (docs/benchmarks.md); the numbers are the same up to
-            float rounding.
+        channels_last: hold convolution weights and inputs channels-last (NHWC): a mobilenet_v2
+            training step on CPU 1.5x faster for ``bn``, 2.4x for ``full`` (docs/benchmarks.md,
+            step-time); the numbers are the same up to float rounding.
         mixing: the task-mixing mode (``modelpatch.data.mixing``), or its name; ``mix_seed`` seeds a named one.
         lean_backward: keep for backward only what the trained parameters' gradients read
             (``memory.use_memory_savers``: frozen convolutions and frozen-statistics BatchNorm keep
@@ -147,10 +160,7 @@ class PatchModule(L.LightningModule):
         self.frozen_tasks: set[str] = set()
         self.inputs_are_features = False  # asked of the datamodule in setup()
         self.optim = optim or OptimConfig()
-        if self.optim.name not in OPTIMIZERS:
-            raise ValueError(f"optim.name={self.optim.name!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.optim.scheduler not in SCHEDULERS:
-            raise ValueError(f"optim.scheduler={self.optim.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        check_optim(self.optim)
         self.model = PatchedBackbone(
             backbone, patch, self.tasks, train_shared=train_shared, lean_backward=lean_backward
         )
@@ -165,6 +175,7 @@ class PatchModule(L.LightningModule):
         self.test_acc = self._accuracies()
         self.val_mean_acc = TaskMeanAccuracy(len(tasks))
         self.test_mean_acc = TaskMeanAccuracy(len(tasks))
+        self.val_acc_best = MaxMetric()  # best val/acc so far: what ModelCheckpoint keeps and tests
         self.save_hyperparameters(
             {
                 "backbone": {
@@ -262,6 +273,13 @@ class PatchModule(L.LightningModule):
         """The factor of ``task``'s loss under DDP (``Mixing.loss_scale``)."""
         return self.mixing.loss_scale(task, self.trainable_tasks, self.trainer.world_size)
 
+    def on_train_start(self) -> None:
+        # the sanity check's validation does not count; a resumed run starts from its checkpoint's best
+        self.val_acc_best.reset()
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None and getattr(ckpt, "monitor", None) == "val/acc" and ckpt.best_model_score is not None:
+            self.val_acc_best.update(ckpt.best_model_score.to(self.device))
+
     def on_fit_start(self) -> None:
         self.mixing.rank_tasks(self.trainable_tasks, self.trainer.world_size)  # fail early (too few devices)
         if self.trainer.ckpt_path:
@@ -278,7 +296,9 @@ class PatchModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # Logged here, not per step: one key fed by several dataloaders is refused by Lightning.
+        self.val_acc_best.update(self.val_mean_acc.compute())
         self.log("val/acc", self.val_mean_acc, prog_bar=True)
+        self.log("val/acc_best", self.val_acc_best.compute())
 
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.test_mean_acc)
@@ -390,13 +410,13 @@ class PatchModule(L.LightningModule):
             {
                 "name": "patch",
                 "params": list(self.model.patches.parameters()),
-                "lr": o.patch_lr or o.lr,
+                "lr": _rate(o.patch_lr, o.lr),
                 "weight_decay": o.patch_weight_decay,
             },
             {
                 "name": "head",
                 "params": list(self.heads.parameters()),
-                "lr": o.head_lr or o.lr,
+                "lr": _rate(o.head_lr, o.lr),
                 "weight_decay": o.weight_decay,
             },
         ]
@@ -405,7 +425,7 @@ class PatchModule(L.LightningModule):
                 {
                     "name": "shared",
                     "params": [p for p in self.model.shared_parameters() if p.requires_grad],
-                    "lr": o.shared_lr or o.lr,
+                    "lr": _rate(o.shared_lr, o.lr),
                     "weight_decay": o.weight_decay,
                 }
             )
@@ -422,9 +442,21 @@ class PatchModule(L.LightningModule):
         if o.scheduler == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(o.warmup_epochs * total / max(1, self.trainer.max_epochs or 1))
+        warmup = min(total, round(o.warmup_epochs * self.steps_per_epoch()))
         scheduler = warmup_cosine(optimizer, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps in one training epoch, as the trainer runs them (``limit_train_batches`` and
+        gradient accumulation counted; call after ``estimated_stepping_batches`` has set up the data)."""
+        batches = self.trainer.num_training_batches
+        if batches == float("inf"):
+            raise ValueError("optim.warmup_epochs needs a training loader with a length; set optim.warmup_epochs=0")
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+
+def _rate(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 def _numel(params) -> int:

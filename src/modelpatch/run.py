@@ -24,6 +24,7 @@ from modelpatch.backbones import PRETRAINED, build_backbone, list_backbones, tra
 from modelpatch.checkpoints import (
     NO_LAST_CHECKPOINT,
     RESULTS_FILE,
+    check_resume,
     load_tasks_from_checkpoint,
     make_results,
     read_init_checkpoint,
@@ -37,11 +38,11 @@ from modelpatch.data import TaskDataModule, TaskSpec, make_mixing, task_specs
 from modelpatch.data.features import cache_features
 from modelpatch.distributed import check_distributed, ddp_strategy, describe_steps
 from modelpatch.launch import cluster_trainer_kwargs, threads_per_job
-from modelpatch.module import OptimConfig, PatchModule, TaskHead
+from modelpatch.module import OptimConfig, PatchModule, TaskHead, check_optim
 from modelpatch.patches import parse_kind, resolve_patch
 from modelpatch.ranks import is_launch_rank_zero
 from modelpatch.serving import export_patches, load_patched_model, read_patch_file
-from modelpatch.wandb_utils import setup_wandb
+from modelpatch.wandb_utils import setup_wandb, summarize_tested
 
 log = logging.getLogger("modelpatch")
 quiet_lightning()
@@ -97,11 +98,23 @@ def _save_and_print_config(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Cheap checks of names, before any data or weights are read."""
+    """Cheap checks of names and values, before any data or weights are read."""
     if cfg.backbone.name not in list_backbones():
         raise ConfigError(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(list_backbones())}")
     parse_kind(cfg.patch.kind)
     compile_backend(cfg.get("compile"))
+    try:
+        check_optim(OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    try:
+        make_mixing(cfg.task.get("mixing", "all"), seed=cfg.seed)
+    except ValueError as err:
+        raise ConfigError(f"task.mixing: {err}") from err
+    cache = cfg.data.get("cache_features", "auto")
+    if cache not in ("auto", True, False):
+        raise ConfigError(f"data.cache_features={cache!r}; choose auto, true or false")
+    check_resume(cfg)
 
 
 def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
@@ -181,8 +194,6 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
             f"new task(s) {', '.join(new) or 'none'} start from the patch of {source}"
         )
     cache = cfg.data.get("cache_features", "auto")
-    if cache not in ("auto", True, False):
-        raise ConfigError(f"data.cache_features={cache!r}; choose auto, true or false")
     if cache is True or (cache == "auto" and model.model.fixed_backbone and datamodule.cacheable):
         on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
         device = "cuda" if on_gpu else "cpu"
@@ -258,11 +269,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = _floats(trainer.callback_metrics)
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("train", True) and best:
+        # val/* of the model that is tested and exported (the best checkpoint), not of the last epoch
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+        metrics.update(_floats(trainer.callback_metrics))
+        log.info(f"validation of the tested checkpoint {best}: val/acc {metrics.get('val/acc', float('nan')):.4f}")
     if cfg.get("test", True):
         if cfg.get("train", True) and not best:
             log.warning("no best checkpoint; testing the weights as they are after training")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(_floats(trainer.callback_metrics))
+    summarize_tested(loggers, metrics)
 
     if trainer.is_global_zero:
         files = {}

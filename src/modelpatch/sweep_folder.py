@@ -109,14 +109,17 @@ def run_numbers(folder: Path) -> list[int]:
 
 def metric_value(results: dict, name: str) -> float | None:
     """A W&B metric name read from ``results.json``: ``val/acc`` -> ``val_acc``, ``test/<task>/acc`` ->
-    ``tasks[<task>].test_acc``."""
+    ``tasks[<task>].test_acc``; ``val/acc_best`` -> ``val_acc`` (results.json holds the validation accuracy
+    of the checkpoint it tested, the best one)."""
+    if name == "val/acc_best":
+        name = "val/acc"
     parts = name.split("/")
     if len(parts) == 2 and parts[1] == "acc":
         return results.get(f"{parts[0]}_acc")
     if len(parts) == 3 and parts[2] == "acc" and parts[1] in results.get("tasks", {}):
         return results["tasks"][parts[1]].get(f"{parts[0]}_acc")
     raise SweepError(
-        f"metric {name!r} is not in results.json; use val/acc, test/acc, val/<task>/acc or test/<task>/acc "
+        f"metric {name!r} is not in results.json; use val/acc_best, val/acc, test/acc, val/<task>/acc or test/<task>/acc "
         f"(tasks of this run: {', '.join(results.get('tasks', {}))})"
     )
 

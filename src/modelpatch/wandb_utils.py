@@ -1,4 +1,4 @@
-"""Weights & Biases specifics: best-so-far summaries for a training run, and the report as a W&B run.
+"""Weights & Biases specifics: the summaries of a training run, and the report as a W&B run.
 
 ``wandb`` is imported only here and only when used (it is an optional dependency: ``.[cluster]``). Registers the
 resolver ``${mp.wandb_run_id:<output dir>,<resume>}`` (``conf/logger/wandb.yaml``'s run id).
@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-SUMMARY_MAX = ("val/acc",)
+SUMMARY_MAX = ("val/acc_best",)  # best so far, whatever epoch it came from (what a sweep maximizes)
 
 
 def stable_run_id(output_dir: str, resume: Any = True) -> str | None:
@@ -42,16 +42,31 @@ def wandb_loggers(loggers: Iterable[Any]) -> list:
 
 
 def setup_wandb(loggers: Iterable[Any], task_names: Sequence[str]) -> None:
-    """Declare the summaries of every W&B run: the maximum of ``val/acc`` and of each ``val/<task>/acc``
-    (the best so far, whatever epoch it came from), and the minimum of ``val/<task>/loss``."""
+    """Declare the summaries of every W&B run: the maximum of ``SUMMARY_MAX``, the minimum of each
+    ``val/<task>/loss``, and the last ``val/acc`` and ``val/<task>/acc`` (``summarize_tested`` sets them to
+    the tested model's at the end)."""
     for logger in wandb_loggers(loggers):
         run = logger.experiment  # starts the run (rank zero; elsewhere a no-op object)
         if not hasattr(run, "define_metric"):
             continue
-        for name in (*SUMMARY_MAX, *(f"val/{t}/acc" for t in task_names)):
+        for name in SUMMARY_MAX:
             run.define_metric(name, step_metric="trainer/global_step", summary="max")
+        for name in ("val/acc", *(f"val/{t}/acc" for t in task_names)):
+            run.define_metric(name, step_metric="trainer/global_step", summary="last")
         for t in task_names:
             run.define_metric(f"val/{t}/loss", step_metric="trainer/global_step", summary="min")
+
+
+def summarize_tested(loggers: Iterable[Any], metrics: dict[str, float]) -> None:
+    """Set the summary ``val/acc`` and ``val/<task>/acc`` of every W&B run to those of the model that was
+    tested and exported (the best checkpoint), as ``results.json`` records them."""
+    for logger in wandb_loggers(loggers):
+        run = logger.experiment
+        if not hasattr(run, "summary"):
+            continue
+        for key, value in metrics.items():
+            if key.startswith("val/") and key.endswith("/acc"):
+                run.summary[key] = value
 
 
 def log_report(

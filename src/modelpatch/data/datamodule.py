@@ -89,24 +89,19 @@ class TaskDataModule(L.LightningDataModule):
         """Every task is in memory and not augmented: cached backbone features would be exact."""
         return all(s.dataset not in DISK_DATASETS and not s.augment for s in self.specs)
 
-    def _loader(self, split: Split | StreamSplit, *, train: bool, augment: bool = False) -> DataLoader:
-        """In-memory splits are sliced a batch at a time (``augment``: ``augment_batch``); streamed
-        splits are ordinary datasets (their transform augments) with the default collation, and
-        their evaluation workers end after each pass (a mix of tasks would otherwise keep
-        ``num_workers`` idle processes per task and split)."""
+    def _eval_loader(self, split: Split | StreamSplit) -> DataLoader:
+        """Validation and test: in-memory splits are sliced a batch at a time; streamed splits are ordinary
+        datasets with the default collation, and their workers end after each pass (a mix of tasks would
+        otherwise keep ``num_workers`` idle processes per task and split). Training: ``train_dataloader``."""
         in_memory = isinstance(split, Split)
-        if in_memory:
-            dataset, collate = InMemoryDataset(split, augment=train and augment), _as_batch
-        else:
-            dataset, collate = split, None
+        dataset, collate = (InMemoryDataset(split), _as_batch) if in_memory else (split, None)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=False,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             collate_fn=collate,
-            persistent_workers=self.num_workers > 0 and (train or in_memory),
+            persistent_workers=self.num_workers > 0 and in_memory,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -147,7 +142,7 @@ class TaskDataModule(L.LightningDataModule):
         self._resume = dict(state) or None
 
     def val_dataloader(self):
-        return [self._loader(self.data[n].val, train=False) for n in self.task_names]
+        return [self._eval_loader(self.data[n].val) for n in self.task_names]
 
     def test_dataloader(self):
-        return [self._loader(self.data[n].test, train=False) for n in self.task_names]
+        return [self._eval_loader(self.data[n].test) for n in self.task_names]

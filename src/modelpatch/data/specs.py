@@ -94,6 +94,17 @@ def check_task_names(names: Sequence[str]) -> None:
             )
 
 
+def check_sizes(spec: TaskSpec) -> None:
+    """``train_size`` and ``val_size`` that no split can have, before any data is read."""
+    if spec.train_size is not None and spec.train_size < 2:
+        raise TaskError(
+            f"task {spec.name!r}: train_size={spec.train_size}; set task.train_size to at least 2 images "
+            "(a training batch needs 2 for BatchNorm), or null for the whole training split"
+        )
+    if spec.val_size is not None and spec.val_size < 0:
+        raise TaskError(f"task {spec.name!r}: val_size={spec.val_size}; set task.val_size >= 0")
+
+
 def check_classes(spec: TaskSpec, names: list[str]) -> None:
     bad = [c for c in spec.classes if not 0 <= c < len(names)]
     if bad:
@@ -166,5 +177,6 @@ def task_specs(task_cfg: dict, data_cfg: dict | None = None) -> list[TaskSpec]:
         if missing:
             raise TaskError(f"task config {entry.get('name', entry)!r} lacks {', '.join(missing)}")
         specs.append(TaskSpec(**{k: entry[k] for k in TASK_FIELDS if k in entry}, options=dict(options)))
+        check_sizes(specs[-1])
     check_task_names([s.name for s in specs])
     return specs
