@@ -119,7 +119,8 @@ def metric_value(results: dict, name: str) -> float | None:
     if len(parts) == 3 and parts[2] == "acc" and parts[1] in results.get("tasks", {}):
         return results["tasks"][parts[1]].get(f"{parts[0]}_acc")
     raise SweepError(
-        f"metric {name!r} is not in results.json; use val/acc_best, val/acc, test/acc, val/<task>/acc or test/<task>/acc "
+        f"metric {name!r} is not in results.json; use val/acc_best, val/acc, test/acc, val/<task>/acc or "
+        "test/<task>/acc "
         f"(tasks of this run: {', '.join(results.get('tasks', {}))})"
     )
 
