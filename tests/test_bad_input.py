@@ -51,7 +51,7 @@ class RecordRates(Callback):
 def test_warmup_counts_the_steps_of_a_real_epoch_under_max_steps(make_cfg):
     # 3 steps per epoch (limit_train_batches=3), max_steps=12 of max_epochs=10: one warmup epoch is 3 steps
     cfg = make_cfg(
-        *DIGITS, "test=false", "optim.warmup_epochs=1", "trainer.max_epochs=10", "+trainer.max_steps=12",
+        *DIGITS, "test=false", "optim.warmup_epochs=1", "trainer.max_epochs=10", "trainer.max_steps=12",
         f"+callbacks.rates._target_={__name__}.RecordRates",
     )  # fmt: skip
     _, objects = train(cfg)

@@ -50,11 +50,11 @@ def test_nodes_and_tasks_follow_the_trainer():
         (["hydra.launcher.nodes=2"], r"hydra.launcher.nodes=2 but trainer.num_nodes asks for 1.*trainer.num_nodes=2"),
         (["trainer.num_nodes=0"], r"trainer.num_nodes=0: set it to a number of nodes"),
         (["trainer.num_nodes=2", "trainer.strategy=ddp_spawn"], r"num_nodes=2 with trainer.strategy=ddp_spawn.*=ddp"),
-        (["trainer.num_nodes=2", "+trainer.strategy=single_device"], r"strategy=single_device: several nodes need DDP"),
+        (["trainer.num_nodes=2", "trainer.strategy=single_device"], r"strategy=single_device: several nodes need DDP"),
     ],
 )
 def test_a_job_that_does_not_fit_the_trainer_is_named(overrides, message):
-    base = ["trainer=ddp", "trainer.accelerator=cpu"] if "+trainer.strategy=single_device" not in overrides else []
+    base = ["trainer=ddp", "trainer.accelerator=cpu"] if "trainer.strategy=single_device" not in overrides else []
     problems = slurm_shape_problems(composed(*base, *overrides))
     assert len(problems) == 1 and re.search(message, problems[0]), problems
 
