@@ -127,6 +127,6 @@ def test_a_last_batch_of_one_sample_joins_the_one_before(make_cfg, fashion_mnist
     """BatchNorm cannot train on one sample: 129 images at batch 16 are 7 batches of 16 and one of 17."""
     cfg = make_cfg("task=fmnist_b", "task.train_size=129", "patch=bn", "++trainer.limit_train_batches=1.0", *MIX[-2:])
     _, objects = train(cfg)
-    sampler = objects["trainer"].train_dataloader.sampler
+    sampler = objects["datamodule"].train_dataloader().sampler  # the trainer drops its loader when it re-validates
     assert [len(step["fmnist_b"]) for step in sampler] == [16] * 7 + [17]
     assert objects["trainer"].global_step == 8
