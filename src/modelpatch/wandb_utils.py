@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 
 SUMMARY_MAX = ("val/acc_best",)  # best so far, whatever epoch it came from (what a sweep maximizes)
@@ -59,7 +60,10 @@ def setup_wandb(loggers: Iterable[Any], task_names: Sequence[str]) -> None:
 
 def summarize_tested(loggers: Iterable[Any], metrics: dict[str, float]) -> None:
     """Set the summary ``val/acc`` and ``val/<task>/acc`` of every W&B run to those of the model that was
-    tested and exported (the best checkpoint), as ``results.json`` records them."""
+    tested and exported (the best checkpoint), as ``results.json`` records them. Global rank 0 only: other
+    ranks' loggers hold a dummy run."""
+    if rank_zero_only.rank != 0:
+        return
     for logger in wandb_loggers(loggers):
         run = logger.experiment
         if not hasattr(run, "summary"):
