@@ -159,8 +159,10 @@ def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slur
     ids = {num: [p.name.rsplit("-", 1)[1] for p in runs] for num, runs in attempts.items()}
     assert ids == {0: [stable_run_id(str(sweep / "0"))] * 2, 1: [stable_run_id(str(sweep / "1"))]}, ids
     steps = [[r["trainer/global_step"] for r in read_offline_run(p).history if "val/acc" in r] for p in attempts[0]]
-    # the second attempt logs on from the resumed step (the first may have been stopped before validating)
-    assert steps[1] and min(steps[1]) > 0 and max(steps[1]) == total - 1 and max(steps[0], default=-1) < min(steps[1])
+    # the second attempt logs on from the resumed step (the first may have been stopped before validating),
+    # then the best checkpoint re-validated after training (at the final step)
+    assert steps[1] and min(steps[1]) > 0 and max(steps[0], default=-1) < min(steps[1])
+    assert max(steps[1][:-1]) == total - 1 and steps[1][-1] == total, steps
 
 
 def launcher_cfg(*overrides: str):
