@@ -79,13 +79,6 @@ class LeanConv2d(nn.Conv2d):
         return _FrozenConv2d.apply(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-def use_lean_convs(model: nn.Module) -> None:
-    """Make every plain ``Conv2d`` of ``model`` a ``LeanConv2d`` (same parameters and state dict)."""
-    for module in model.modules():
-        if type(module) is nn.Conv2d:
-            module.__class__ = LeanConv2d
-
-
 def _conv_is_lean(conv: nn.Module) -> bool:
     """Whether ``conv`` (a ``LeanConv2d``) runs without keeping its input."""
     return (

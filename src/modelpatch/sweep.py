@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("modelpatch")
-
 
 class SweepError(ValueError):
     """A sweep file, folder or option that cannot be used."""
