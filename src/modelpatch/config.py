@@ -7,6 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+import modelpatch.resolvers  # noqa: F401  (conf/ uses ${mp.launch_dir:})
+
 SHIPPED_CONF = Path(__file__).resolve().parent / "conf"  # an installed wheel: conf/ as package data
 SOURCE_CONF = Path(__file__).resolve().parents[2] / "conf"  # a checkout (editable install)
 
