@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN ?= runs/main
 QUIET := extras.print_config=false  # progress: a bar on a terminal, a line per epoch otherwise
 
-.PHONY: main test setup system-deps lint clean
+.PHONY: main test test-fast setup system-deps lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ main: setup system-deps
 test: setup system-deps
 	bash scripts/slurm-local.sh
 	$(PY) -m pytest
+
+## The edit-test loop: every test of one process (no train.py subprocess, DDP, SLURM, pool or install).
+test-fast: setup system-deps
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

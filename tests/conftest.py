@@ -1,40 +1,22 @@
-"""Shared fixtures: the real Hydra config, shrunk to a tiny model and a few batches."""
+"""Shared fixtures: the real Hydra config shrunk to a tiny run, the real data, one trained source model,
+offline W&B, the local SLURM cluster. Plain helpers and constants are in support.py."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from modelpatch.config import compose_run_config
+from .support import FASHION_MNIST, START_CLUSTER, compose_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-
-# A tiny, fast run: mobilenet_v2 at width 0.25, 32x32 inputs, a few batches on the CPU.
-TINY = [
-    "backbone.width=0.25",
-    "trainer.accelerator=cpu",
-    "trainer.devices=1",
-    "trainer.max_epochs=1",
-    "++trainer.limit_train_batches=3",
-    "++trainer.limit_val_batches=2",
-    "++trainer.limit_test_batches=2",
-    "trainer.enable_progress_bar=false",
-    "data.batch_size=16",
-    "data.eval_batch_size=64",
-    "data.num_workers=0",
-    "logger=none",
-    "extras.print_config=false",
-]
-
-
-def compose_cfg(overrides: list[str], tmp_path: Path, data_dir: Path) -> DictConfig:
-    """Compose conf/train.yaml as train.py would, shrunk by TINY, with outputs under ``tmp_path``."""
-    return compose_run_config([*TINY, *overrides], tmp_path, data_dir, config_dir=CONF)
+NODE_IDLE_TIMEOUT_S = 120
+BUSY_STATES = {"alloc", "comp"}  # transient: a job is running or its node is cleaning up
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +47,84 @@ def make_cfg(tmp_path, data_dir):
     GlobalHydra.instance().clear()
 
 
+@pytest.fixture(scope="session")
+def trained_source(tmp_path_factory, data_dir, fashion_mnist) -> Path:
+    """One trained source model for the session (every weight and BatchNorm statistic trained on Fashion-MNIST
+    0-4), to patch: a random network's features are near zero under its initial statistics. Its last.ckpt."""
+    from modelpatch.run import train
+
+    out = tmp_path_factory.mktemp("source")
+    cfg = compose_cfg(
+        ["task=fmnist_a", "task.train_size=256", "patch=full", "++trainer.limit_train_batches=16"], out, data_dir
+    )
+    train(cfg)
+    GlobalHydra.instance().clear()
+    return out / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture(autouse=True)
 def _wandb_offline(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+@pytest.fixture(scope="module")
+def wandb_env(tmp_path_factory):
+    """Offline, with W&B's own settings, cache and staging folders under a temporary folder."""
+    home = tmp_path_factory.mktemp("wandb-home")
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+    env |= {f"WANDB_{k}_DIR": str(home / k.lower()) for k in ("CONFIG", "CACHE", "DATA", "ARTIFACT")}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def cancel_jobs(sweep: Path) -> None:
+    """Cancel what a test submitted (the array job ids are the folder names under .submitit)."""
+    folder = sweep / ".submitit"
+    ids = {p.name for p in folder.iterdir() if p.name.isdigit()} if folder.exists() else set()
+    if ids:
+        subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def slurm(tmp_path):
+    """An idle node of a running SLURM cluster; yields the sweep folder and cancels its jobs afterwards."""
+    if shutil.which("sinfo") is None:
+        pytest.fail(f"sinfo not found: SLURM is not installed here; {START_CLUSTER} (it installs slurm-wlm, munge)")
+    # The previous test's jobs may still be completing ("comp") or running ("alloc"): wait for them.
+    deadline = time.monotonic() + NODE_IDLE_TIMEOUT_S
+    while True:
+        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t %P"], capture_output=True, text=True, timeout=30)
+        if proc.returncode != 0:
+            pytest.fail(
+                f"sinfo failed: {proc.stderr.strip() or proc.stdout.strip()}; is slurmctld running? {START_CLUSTER}"
+            )
+        nodes = [line.split() for line in proc.stdout.splitlines() if line.strip()]
+        states = {state.rstrip("*~#$@^-") for _, state, *_ in nodes}
+        if states & {"idle", "mix"}:
+            break
+        if not states & BUSY_STATES or time.monotonic() > deadline:
+            listed = "; ".join(" ".join(n) for n in nodes) or "no nodes"
+            pytest.fail(f"no idle SLURM node after {NODE_IDLE_TIMEOUT_S}s (sinfo: {listed}); {START_CLUSTER}")
+        time.sleep(1)
+    sweep = tmp_path / "sweep"
+    yield sweep
+    cancel_jobs(sweep)
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    """torchvision checks the md5 of the real Flowers102 .mat files and Places365 file lists; the tiny copies
+    the tests write are checked for presence only."""
+    import torchvision
+
+    def exists(path, md5=None):
+        return os.path.exists(path)
+
+    for module in (torchvision.datasets.flowers102, torchvision.datasets.places365):
+        monkeypatch.setattr(module, "check_integrity", exists)

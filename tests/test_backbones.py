@@ -16,6 +16,8 @@ from modelpatch.backbones import (
     list_backbones,
 )
 
+from .support import reference_state_dict
+
 
 @pytest.mark.parametrize("name", list_backbones())
 def test_every_backbone_is_a_feature_extractor(name):
@@ -24,17 +26,6 @@ def test_every_backbone_is_a_feature_extractor(name):
     with torch.no_grad():
         out = backbone(torch.randn(2, 3, size, size))
     assert out.shape == (2, backbone.width)
-
-
-def reference_state_dict(name: str) -> dict[str, torch.Tensor]:
-    """A state dict shaped like torchvision's pretrained file for ``name``."""
-    if name == "ssdlite_mobilenet_v3":
-        from torchvision.models.detection import ssdlite320_mobilenet_v3_large
-
-        return ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None).state_dict()
-    if name == "inception_v3":
-        return torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
-    return torchvision.models.get_model(name, weights=None).state_dict()
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from modelpatch.errors_doc import CASES, run_case, table
 from modelpatch.run import ConfigError, train
 
-from .conftest import ROOT
-from .test_train import DIGITS
+from .support import DIGITS, ROOT
 
 
 @pytest.mark.parametrize("case", CASES, ids=[" ".join(c.overrides) or c.note for c in CASES])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from modelpatch.run import get_metric_value, train
 
-from .test_train import DIGITS
+from .support import DIGITS
 
 
 class ForceEpochAccuracies(Callback):

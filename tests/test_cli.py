@@ -2,22 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
+
+import pytest
 
 from modelpatch.report import main as report_main
 
-from .conftest import ROOT, TINY
-
-CLI_TINY = [o for o in TINY if not o.startswith("logger=")] + ["task=digits", "task.train_size=200"]
+from .support import CLI_TINY, train_py
 
 
-def train_py(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-
-
+@pytest.mark.slow
 def test_single_run_writes_results_config_and_logs(tmp_path, data_dir):
     out = tmp_path / "run"
     proc = train_py(*CLI_TINY, "patch=bn+dw", f"hydra.run.dir={out}", f"paths.data_dir={data_dir}")
@@ -28,6 +21,7 @@ def test_single_run_writes_results_config_and_logs(tmp_path, data_dir):
     assert "params: total" in (out / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_multirun_over_patches_then_report(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     proc = train_py("-m", *CLI_TINY, "patch=logits,bn", f"hydra.sweep.dir={sweep}", f"paths.data_dir={data_dir}")
@@ -40,6 +34,7 @@ def test_multirun_over_patches_then_report(tmp_path, data_dir):
     assert (sweep / "report.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_unknown_patch_on_the_command_line_fails_with_the_options(tmp_path):
     proc = train_py(*CLI_TINY, "patch=bnn", f"hydra.run.dir={tmp_path / 'x'}")
     assert proc.returncode != 0
@@ -47,6 +42,7 @@ def test_unknown_patch_on_the_command_line_fails_with_the_options(tmp_path):
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_local_launcher_shares_the_cores_among_its_jobs(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     proc = train_py(

@@ -10,7 +10,7 @@ from modelpatch.backbones import build_backbone
 from modelpatch.data import task_specs
 from modelpatch.patches import resolve_patch
 
-from .conftest import CONF
+from .support import CONF
 
 GROUPS = ["backbone", "patch", "task", "data", "optim", "trainer", "callbacks", "logger", "experiment", "debug"]
 

@@ -1,7 +1,6 @@
 """Datasets on disk, streamed through torchvision's classes: tiny copies in each real layout."""
 
 import json
-import os
 import re
 
 import numpy as np
@@ -16,8 +15,8 @@ from modelpatch.data.disk import StreamSplit
 from modelpatch.data.embedded import augment_batch
 from modelpatch.run import build, train
 
-from .conftest import CONF
 from .fixtures_datasets import AIRCRAFT, CARS, FLOWERS, FOOD, TEXTURES, WRITERS, write_food101, write_imagefolder
+from .support import CONF
 
 SIZE = 24
 HOLD_OUT = {"val_size": 3}  # of the 9 training images, where the dataset has no validation split
@@ -36,16 +35,7 @@ CASES = {
 }
 
 
-def _exists(path, md5=None):
-    return os.path.exists(path)
-
-
-@pytest.fixture(autouse=True)
-def _no_md5(monkeypatch):
-    # torchvision checks the md5 of the real Flowers102 .mat files and Places365 file lists; the tiny
-    # copies are checked for presence only.
-    for module in (torchvision.datasets.flowers102, torchvision.datasets.places365):
-        monkeypatch.setattr(module, "check_integrity", _exists)
+pytestmark = pytest.mark.usefixtures("no_md5")
 
 
 def spec_from_config(name: str, download: bool = False, **overrides) -> TaskSpec:

@@ -16,7 +16,8 @@ from modelpatch.config import ConfigError
 from modelpatch.data import make_mixing
 from modelpatch.distributed import ddp_strategy
 from modelpatch.run import build, train
-from tests.conftest import ROOT, TINY, compose_cfg
+
+from .support import ROOT, TINY, assert_close_scaled
 
 TASKS = ["fmnist_a", "fmnist_b", "digits"]
 MIX = [
@@ -34,18 +35,6 @@ EVERY_2 = [
     "callbacks.model_checkpoint.filename='step{step}'",
 ]
 DDP = "lightning.pytorch.strategies.DDPStrategy"
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory, data_dir, fashion_mnist):
-    """A trained source model (every weight and BatchNorm statistic), to patch: a random network's
-    features are near zero under its initial statistics."""
-    out = tmp_path_factory.mktemp("source")
-    cfg = compose_cfg(
-        ["task=fmnist_a", "task.train_size=256", "patch=full", "++trainer.limit_train_batches=16"], out, data_dir
-    )
-    train(cfg)
-    return out / "checkpoints" / "last.ckpt"
 
 
 def run_ranks(tmp_path, data_dir, name: str, devices: int, *overrides: str):
@@ -115,8 +104,17 @@ def test_sync_batchnorm_that_cannot_work_is_refused_before_reading_data(make_cfg
         build(cfg)
 
 
-def test_ranks_make_the_first_update_of_one_process_with_their_global_batch(make_cfg, tmp_path, data_dir, source):
-    common = [*MIX, "task.tasks=[fmnist_b,digits]", "patch=bn", "patch.norm_stats=frozen", f"backbone.weights={source}"]
+@pytest.mark.slow
+def test_ranks_make_the_first_update_of_one_process_with_their_global_batch(
+    make_cfg, tmp_path, data_dir, trained_source
+):
+    common = [
+        *MIX,
+        "task.tasks=[fmnist_b,digits]",
+        "patch=bn",
+        "patch.norm_stats=frozen",
+        f"backbone.weights={trained_source}",
+    ]
     common += [
         *QUICK,
         "++trainer.max_steps=1",
@@ -134,12 +132,13 @@ def test_ranks_make_the_first_update_of_one_process_with_their_global_batch(make
         assert grads.keys() == expected.keys()
         for name, grad in grads.items():
             assert grad.abs().max() > 0, name
-            torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+            assert_close_scaled(grad, expected[name], rtol=1e-4, msg=name)
 
 
-def test_checkpoints_hold_the_statistics_averaged_over_ranks(tmp_path, data_dir, source):
+@pytest.mark.slow
+def test_checkpoints_hold_the_statistics_averaged_over_ranks(tmp_path, data_dir, trained_source):
     out, _ = run_ranks(
-        tmp_path, data_dir, "rr", 3, *MIX, "task.mixing=round_robin", "patch=bn", f"backbone.weights={source}",
+        tmp_path, data_dir, "rr", 3, *MIX, "task.mixing=round_robin", "patch=bn", f"backbone.weights={trained_source}",
         *QUICK, *EVERY_2, "+callbacks.probe.stats_at=2",
         "+callbacks.digest._target_=tests.probe.DDPProbe", f"+callbacks.digest.out_dir={tmp_path / 'rr' / 'digest'}",
     )  # fmt: skip
@@ -151,13 +150,14 @@ def test_checkpoints_hold_the_statistics_averaged_over_ranks(tmp_path, data_dir,
     for key in ranks[0]:
         if ranks[0][key].is_floating_point():
             mean = sum(r[key] for r in ranks) / 3
-            torch.testing.assert_close(ckpt["state_dict"][key], mean, rtol=1e-5, atol=1e-6, msg=key)
+            assert_close_scaled(ckpt["state_dict"][key], mean, rtol=1e-5, msg=key)
     digests = [json.loads((tmp_path / "rr" / "digest" / f"rank{r}.json").read_text()) for r in range(3)]
     assert digests[0]["patches"] == digests[1]["patches"] == digests[2]["patches"]  # after training too
 
 
-def test_per_device_gradients_and_statistics_are_each_tasks_own(make_cfg, tmp_path, data_dir, source):
-    common = [*MIX, "patch=bn", f"backbone.weights={source}", *QUICK]
+@pytest.mark.slow
+def test_per_device_gradients_and_statistics_are_each_tasks_own(make_cfg, tmp_path, data_dir, trained_source):
+    common = [*MIX, "patch=bn", f"backbone.weights={trained_source}", *QUICK]
     first_step = ["++trainer.max_steps=1", "callbacks=none", "optimized_metric=null", "++trainer.limit_val_batches=0"]
     one = run_one(make_cfg, tmp_path, *common, *first_step)  # every task's first batch, in one process
     out, _ = run_ranks(
@@ -173,7 +173,7 @@ def test_per_device_gradients_and_statistics_are_each_tasks_own(make_cfg, tmp_pa
         own = [k for k in expected if k.startswith((f"model.patches.{task}.", f"heads.{task}."))]
         assert own
         for name in own:
-            torch.testing.assert_close(grads[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+            assert_close_scaled(grads[name], expected[name], rtol=1e-4, msg=name)
     ckpt = torch.load(out / "checkpoints" / "step2.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
     for rank, task in enumerate(TASKS):
@@ -182,11 +182,14 @@ def test_per_device_gradients_and_statistics_are_each_tasks_own(make_cfg, tmp_pa
             torch.testing.assert_close(ckpt["state_dict"][key], stats[key], rtol=0, atol=0, msg=key)
 
 
-def test_per_device_ranks_sharing_a_task_split_it_and_average_its_gradient(make_cfg, tmp_path, data_dir, source):
+@pytest.mark.slow
+def test_per_device_ranks_sharing_a_task_split_it_and_average_its_gradient(
+    make_cfg, tmp_path, data_dir, trained_source
+):
     """4 ranks, 2 tasks: each task is split over its 2 ranks only; their mean gradient is the one-process
     gradient at twice the batch (frozen statistics: a rank's BatchNorm batch statistics would differ)."""
     common = [*MIX, "task.tasks=[fmnist_b,digits]", "patch=bn", "patch.norm_stats=frozen"]
-    common += [f"backbone.weights={source}", *QUICK, "++trainer.max_steps=1", "callbacks=none"]
+    common += [f"backbone.weights={trained_source}", *QUICK, "++trainer.max_steps=1", "callbacks=none"]
     common += ["optimized_metric=null", "++trainer.limit_val_batches=0"]
     one = run_one(make_cfg, tmp_path, *common, "data.batch_size=32")
     out, log = run_ranks(tmp_path, data_dir, "four", 4, *common, "task.mixing=per_device", "data.batch_size=16")
@@ -197,4 +200,4 @@ def test_per_device_ranks_sharing_a_task_split_it_and_average_its_gradient(make_
     expected, grads = probe_file(one, "grads"), probe_file(out, "grads", 3)
     assert grads.keys() == expected.keys()
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_close_scaled(grad, expected[name], rtol=1e-4, msg=name)

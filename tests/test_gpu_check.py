@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
-from .conftest import ROOT
+import pytest
+
+from .support import ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke_on_cpu():
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--quick"]
     cmd += ["--only", "step", "forward_mixed", "cache", "--kinds", "bn"]

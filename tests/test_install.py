@@ -8,7 +8,9 @@ import sys
 import venv
 from pathlib import Path
 
-from .conftest import ROOT
+import pytest
+
+from .support import ROOT
 
 RESULTS = {
     "backbone": {"name": "mobilenet_v2", "width": 0.25, "features": 1280, "weights": "random"},
@@ -24,6 +26,7 @@ def _run(cmd: list, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return out
 
 
+@pytest.mark.slow
 def test_pip_install_ships_the_configs_and_the_report_runs(tmp_path):
     source = tmp_path / "source"  # a copy: pip builds in the tree it is given
     source.mkdir()

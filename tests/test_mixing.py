@@ -50,6 +50,7 @@ def probe(tmp_path, **kwargs):
     return ["+callbacks.probe._target_=tests.probe.StepProbe", f"+callbacks.probe.out_dir={tmp_path / 'probe'}", *args]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", list(EPOCHS))
 def test_each_step_loads_only_the_batches_it_trains(make_cfg, tmp_path, fashion_mnist, loads, caplog, mode):
     caplog.set_level(logging.INFO, logger="modelpatch")
@@ -108,6 +109,7 @@ def test_per_device_rank_loads_only_its_task_and_all_of_it(make_cfg, loads, worl
         assert sorted(i for p in parts for i in p) == list(range(SIZES[task])), task  # all of it, split
 
 
+@pytest.mark.slow
 def test_resumed_mid_epoch_the_run_continues_the_same_order(make_cfg, tmp_path, fashion_mnist):
     common = [*MIX, "task.mixing=proportional", "trainer.max_epochs=2"]
     common.append("callbacks.model_checkpoint.every_n_train_steps=9")

@@ -22,9 +22,7 @@ from modelpatch.ranks import launch_rank
 from modelpatch.report import main as report_main
 from modelpatch.run import extras
 
-from .conftest import ROOT, TINY
-from .test_multitask import SMALL_MIX
-from .test_wandb import wandb_env  # noqa: F401  (offline W&B, its folders under a temporary folder)
+from .support import ROOT, SMALL_MIX, TINY
 
 TASKS = ("fmnist_b", "digits")
 RUN = [
@@ -93,9 +91,10 @@ def last_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("mixing", ["all", "per_device"])
-def test_two_nodes_train_like_one_node_with_two_devices(tmp_path, data_dir, wandb_env, mixing):  # noqa: F811
+def test_two_nodes_train_like_one_node_with_two_devices(tmp_path, data_dir, wandb_env, mixing):
     args = [f"task.mixing={mixing}", f"paths.data_dir={data_dir}"]
     nodes_out, nodes_probe = tmp_path / "nodes2", tmp_path / "probe2"
     check_ok(train_nodes(*args, "logger=wandb", out=nodes_out, probe=nodes_probe, nodes=2, devices=1))
@@ -166,6 +165,7 @@ def test_the_launch_rank_decides_who_writes_before_the_trainer_exists(monkeypatc
     assert (tmp_path / "run" / "config.yaml").exists() == (rank == "0")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_requeued_two_node_run_resumes_from_the_same_checkpoint_on_every_rank(tmp_path, data_dir):
     """A requeued job starts the same command again in the same folder: every rank must pick the same

@@ -15,16 +15,7 @@ from modelpatch.data.mixing import tasks_per_rank
 from modelpatch.module import TaskTrainStats
 from modelpatch.run import ConfigError, build, train
 
-from .conftest import ROOT, TINY
-
-SMALL_MIX = [
-    "task=multi",
-    "task.catalog.fmnist_a.train_size=64",
-    "task.catalog.fmnist_b.train_size=64",
-    "task.catalog.digits.train_size=64",
-    "task.catalog.fmnist_a.val_size=64",
-    "task.catalog.fmnist_b.val_size=64",
-]
+from .support import ROOT, SMALL_MIX, TINY
 
 
 @pytest.mark.parametrize("patch", ["bn", "bn+dw", "logits"])
@@ -104,6 +95,7 @@ def test_checkpoints_that_do_not_fit_are_refused(make_cfg, tmp_path):
         build(make_cfg("task=fmnist_b", "patch=bn", "patch.train_shared=true", f"init_from={ckpt}"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixing", ["all", "per_device"])
 def test_ddp_two_processes_train_every_task_in_sync(tmp_path, data_dir, fashion_mnist, mixing):
     out, probe = tmp_path / "run", tmp_path / "probe"

@@ -10,10 +10,8 @@ import torch
 from modelpatch.backbones import pretrained_weights_file
 from modelpatch.run import train
 
-from .conftest import CONF
 from .fixtures_datasets import write_flowers102, write_imagenet, write_places365
-from .test_backbones import reference_state_dict
-from .test_datasets import _no_md5  # noqa: F401 - autouse: tiny copies skip torchvision's md5 checks
+from .support import CONF, reference_state_dict
 
 RESOLUTIONS = (96, 128, 160, 192, 224)
 CPU = ["backbone.width=1.0", "trainer.accelerator=cpu", "trainer.precision=32-true", "trainer.devices=1"]
@@ -32,6 +30,9 @@ PAPER = {
 
 def test_every_paper_experiment_is_covered():
     assert sorted(p.stem for p in (CONF / "experiment" / "paper").glob("*.yaml")) == sorted(PAPER)
+
+
+pytestmark = pytest.mark.usefixtures("no_md5")
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from modelpatch.serving import PatchFileError, export_patches, load_patched_model, read_patch_file
 
-from .test_serving import tiny_model
+from .support import tiny_model
 
 # Realistic edits of the fields that change outputs; every other field gets a trailing space.
 EDITS = {

@@ -18,13 +18,12 @@ from hydra.core.global_hydra import GlobalHydra
 
 from modelpatch.pool import CPU, PoolConfigError, pool_places
 
-from .conftest import CONF, ROOT
-from .test_cli import CLI_TINY, train_py
+from .support import CLI_TINY, CONF, ROOT, popen, train_py
 
 PROBE = ROOT / "tests" / "pool_probe.py"
 
 
-def probe(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+def probe(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(PROBE), "-m", "hydra/launcher=pool", "extras.print_config=false", *args],
         cwd=ROOT,
@@ -47,10 +46,11 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return peak
 
 
+@pytest.mark.slow
 def test_pool_never_shares_a_gpu_runs_every_job_and_reports_the_failed_one(tmp_path):
     sweep = tmp_path / "sweep"
     proc = probe(
-        "hydra.launcher.gpus=[3,5]", "seed=0,1,2,3,4,5", "+probe.sleep=1.5", "+probe.fail_seed=2",
+        "hydra.launcher.gpus=[3,5]", "seed=0,1,2,3,4,5", "+probe.started=2", "+probe.sleep=0.5", "+probe.fail_seed=2",
         f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert proc.returncode != 0  # a failed job fails the multirun ...
@@ -68,10 +68,11 @@ def test_pool_never_shares_a_gpu_runs_every_job_and_reports_the_failed_one(tmp_p
     assert {r["omp_num_threads"] for r in done} == {str(share)}
 
 
+@pytest.mark.slow
 def test_pool_runs_jobs_per_gpu_at_once_and_queues_the_rest(tmp_path):
     sweep = tmp_path / "sweep"
     proc = probe(
-        "hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=2", "seed=0,1,2", "+probe.sleep=2",
+        "hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=2", "seed=0,1,2", "+probe.started=2", "+probe.sleep=0.5",
         f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -81,6 +82,7 @@ def test_pool_runs_jobs_per_gpu_at_once_and_queues_the_rest(tmp_path):
     assert most_at_once([(r["start"], r["end"]) for r in done]) == 2
 
 
+@pytest.mark.slow
 def test_pool_without_gpus_runs_cpu_jobs_that_see_no_gpu(tmp_path):
     sweep = tmp_path / "sweep"
     proc = probe("hydra.launcher.gpus=[]", "hydra.launcher.cpu_jobs=2", "seed=0,1", "+probe.sleep=0.5",
@@ -89,13 +91,15 @@ def test_pool_without_gpus_runs_cpu_jobs_that_see_no_gpu(tmp_path):
     assert [r["cuda_visible_devices"] for r in records(sweep)] == ["", ""]
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_every_job_and_starts_no_queued_one(tmp_path):
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, str(PROBE), "-m", "hydra/launcher=pool", "extras.print_config=false"]
     cmd += ["hydra.launcher.gpus=[0,1]", "seed=0,1,2", "+probe.sleep=60", f"hydra.sweep.dir={sweep}"]
-    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # default SIGINT handling: a suite started in the background (nohup, make test &) inherits it ignored
+    driver = popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 300  # an upper bound: two probe jobs start in seconds
         while len(records(sweep, "started.json")) < 2:
             assert driver.poll() is None and time.monotonic() < deadline, "the two first jobs did not start"
             time.sleep(0.2)
@@ -132,6 +136,7 @@ def test_pool_auto_follows_cuda_visible_devices(monkeypatch):
     assert pool_places("auto", 2, 3) == {CPU: 3}
 
 
+@pytest.mark.slow
 def test_train_py_multirun_through_the_pool(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     args = [o for o in CLI_TINY if not o.startswith("trainer.enable_progress_bar")]
@@ -156,3 +161,14 @@ def test_local_launcher_has_no_hidden_time_limit():
         cfg = compose(config_name="train", overrides=["hydra/launcher=local"], return_hydra_config=True)
     GlobalHydra.instance().clear()
     assert cfg.hydra.launcher.timeout_min >= 365 * 24 * 60  # submitit kills a local job after timeout_min
+
+
+@pytest.mark.slow
+def test_a_pool_without_places_stops_with_its_own_message(tmp_path):
+    proc = train_py(
+        "-m", "hydra/launcher=pool", "hydra.launcher.gpus=[]", "hydra.launcher.cpu_jobs=0", "patch=bn",
+        "extras.print_config=false", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "hydra/launcher=pool: hydra.launcher.cpu_jobs=0: set a whole number >= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr and not list(tmp_path.glob("runs/*/multiruns/*/0"))

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import RichProgressBar
 from modelpatch.console import ProgressLines, progress_bar
 from modelpatch.run import train
 
-from .test_cli import CLI_TINY, train_py
+from .support import CLI_TINY, train_py
 
 DIGITS = ["task=digits", "task.train_size=200"]
 SHRINK_KEYS = ("trainer.max_epochs", "trainer.limit_", "trainer.enable_progress_bar")
@@ -32,6 +32,7 @@ def plain_run(tmp_path_factory, data_dir):
     return proc, out
 
 
+@pytest.mark.slow
 def test_trainer_keys_need_no_plus(plain_run):
     proc, out = plain_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,6 +41,7 @@ def test_trainer_keys_need_no_plus(plain_run):
     assert "max_steps: 5" in config and "gradient_clip_val: 1.0" in config
 
 
+@pytest.mark.slow
 def test_run_without_a_terminal_prints_progress_lines_not_a_bar(plain_run):
     proc, out = plain_run
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +51,7 @@ def test_run_without_a_terminal_prints_progress_lines_not_a_bar(plain_run):
     assert "epoch 2/3 done in" in (out / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_console_has_no_lightning_ads_or_deprecation_warnings(plain_run):
     proc, _ = plain_run
     assert proc.returncode == 0, proc.stderr[-3000:]

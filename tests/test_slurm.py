@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -24,60 +23,11 @@ from omegaconf.errors import InterpolationResolutionError
 import modelpatch.launch  # noqa: F401  (registers the mp.* resolvers the launcher configs use)
 from modelpatch.wandb_utils import stable_run_id
 
-from .conftest import CONF, ROOT
-from .test_cli import CLI_TINY
-from .test_wandb import wandb_env  # noqa: F401  (offline W&B, its folders under a temporary folder)
+from .support import CLI_TINY, CONF, ROOT, train_py_slurm
 from .wandb_offline import read_offline_run
 
-START_CLUSTER = "start the local cluster (as root): bash scripts/slurm-local.sh"
-NODE_IDLE_TIMEOUT_S = 120
-BUSY_STATES = {"alloc", "comp"}  # transient: a job is running or its node is cleaning up
 
-
-def train_py_slurm(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def cancel_jobs(sweep: Path) -> None:
-    """Cancel what a test submitted (the array job ids are the folder names under .submitit)."""
-    folder = sweep / ".submitit"
-    ids = {p.name for p in folder.iterdir() if p.name.isdigit()} if folder.exists() else set()
-    if ids:
-        subprocess.run(["scancel", *sorted(ids)], capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def slurm(tmp_path):
-    """An idle node of a running SLURM cluster; yields the sweep folder and cancels its jobs afterwards."""
-    if shutil.which("sinfo") is None:
-        pytest.fail(f"sinfo not found: SLURM is not installed here; {START_CLUSTER} (it installs slurm-wlm, munge)")
-    # The previous test's jobs may still be completing ("comp") or running ("alloc"): wait for them.
-    deadline = time.monotonic() + NODE_IDLE_TIMEOUT_S
-    while True:
-        proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t %P"], capture_output=True, text=True, timeout=30)
-        if proc.returncode != 0:
-            pytest.fail(
-                f"sinfo failed: {proc.stderr.strip() or proc.stdout.strip()}; is slurmctld running? {START_CLUSTER}"
-            )
-        nodes = [line.split() for line in proc.stdout.splitlines() if line.strip()]
-        states = {state.rstrip("*~#$@^-") for _, state, *_ in nodes}
-        if states & {"idle", "mix"}:
-            break
-        if not states & BUSY_STATES or time.monotonic() > deadline:
-            listed = "; ".join(" ".join(n) for n in nodes) or "no nodes"
-            pytest.fail(f"no idle SLURM node after {NODE_IDLE_TIMEOUT_S}s (sinfo: {listed}); {START_CLUSTER}")
-        time.sleep(1)
-    sweep = tmp_path / "sweep"
-    yield sweep
-    cancel_jobs(sweep)
-
-
+@pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_multirun_on_slurm_runs_both_jobs(slurm, data_dir):
     sweep = slurm
@@ -105,8 +55,9 @@ def wait_for(path: Path, driver: subprocess.Popen, timeout: float) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slurm, tmp_path, data_dir, wandb_env):  # noqa: F811
+def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slurm, tmp_path, data_dir, wandb_env):
     """Job 0 gets submitit's signal (SIGUSR2, as before a time limit or on preemption) after its first
     checkpoint; submitit requeues it, and the new attempt resumes from last.ckpt and continues its W&B run
     (offline: both attempts under the same run id). Job 1 runs undisturbed."""

@@ -19,10 +19,8 @@ from hydra.core.global_hydra import GlobalHydra
 import modelpatch.launch  # noqa: F401  (registers the mp.* resolvers the launcher configs use)
 from modelpatch.slurm import SlurmResourceError, slurm_nodes, slurm_shape_problems
 
-from .conftest import CONF, ROOT
-from .test_cli import CLI_TINY
+from .support import CLI_TINY, CONF, ROOT, START_CLUSTER, train_py_slurm
 
-START_CLUSTER = "start the local cluster (as root): bash scripts/slurm-local.sh"
 JOB_DIR = re.compile(r"(\d+)(?:_\d+)?")
 
 
@@ -65,11 +63,7 @@ def test_several_nodes_need_a_strategy_that_spans_them():
     assert slurm_nodes(1, "single_device") == 1  # one node: any strategy
 
 
-def train_py_slurm(*args: str, **kwargs) -> subprocess.Popen | subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=slurm", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, **kwargs)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -119,6 +113,7 @@ def job_fields(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\S+?)=(\S*)", out.stdout))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_two_node_multirun_asks_slurm_for_two_nodes(slurm_cluster, data_dir):
     sweep = slurm_cluster

@@ -17,9 +17,7 @@ from omegaconf import OmegaConf
 
 from modelpatch.slurm import cpus_per_task, gres_gpus, requeues
 
-from .conftest import CONF, ROOT
-from .test_cli import CLI_TINY
-from .test_slurm import slurm  # noqa: F401  (fixture: an idle node, cancels what a test submitted)
+from .support import CLI_TINY, CONF, ROOT
 
 PAPER = sorted(p.stem for p in (CONF / "experiment" / "paper").glob("*.yaml"))
 
@@ -70,6 +68,7 @@ def sinfo_gpus() -> int:
     return max(gres_gpus(g) for g in out.split())
 
 
+@pytest.mark.slow
 def test_gpu_accelerator_on_a_partition_without_gpus_fails_before_submitting(tmp_path):
     assert sinfo_gpus() == 0, "this test needs a cluster without GPUs (the local one)"
     sweep = tmp_path / "sweep"
@@ -83,8 +82,9 @@ def test_gpu_accelerator_on_a_partition_without_gpus_fails_before_submitting(tmp
     assert not (sweep / ".submitit").exists()  # nothing submitted
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_readme_slurm_line_submits_no_gpu_request_on_a_cpu_cluster(slurm, data_dir):  # noqa: F811
+def test_readme_slurm_line_submits_no_gpu_request_on_a_cpu_cluster(slurm, data_dir):
     """``python train.py -m hydra/launcher=slurm patch=bn,bn+dw task=multi`` with the default
     ``trainer.accelerator=auto`` (shrunk to a few batches): no GRES request, both jobs run."""
     sweep = slurm

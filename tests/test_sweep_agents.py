@@ -11,11 +11,7 @@ import pytest
 
 from modelpatch.sweep_folder import RUN_FILE, read_runs, read_sweep
 
-from .conftest import ROOT
-from .test_cli import CLI_TINY
-from .test_slurm import slurm  # noqa: F401  (an idle node of the running cluster; fails without one)
-from .test_sweep_engine import BAYES, write_sweep
-from .test_wandb import wandb_env  # noqa: F401
+from .support import BAYES, CLI_TINY, ROOT, write_sweep
 from .wandb_offline import read_offline_run
 
 
@@ -25,8 +21,9 @@ def sweep_cli(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(480)
-def test_two_agents_in_a_slurm_array_share_one_sweep(slurm, tmp_path, data_dir, wandb_env):  # noqa: F811
+def test_two_agents_in_a_slurm_array_share_one_sweep(slurm, tmp_path, data_dir, wandb_env):
     folder = slurm
     path = write_sweep(tmp_path, BAYES)
     overrides = [*CLI_TINY, f"paths.data_dir={data_dir}", "threads=1"]
@@ -52,6 +49,7 @@ def test_two_agents_in_a_slurm_array_share_one_sweep(slurm, tmp_path, data_dir, 
         assert read_offline_run(wandb_run).group == read_sweep(folder)["group"]
 
 
+@pytest.mark.slow
 def test_an_array_of_wandb_agents_for_a_sweep_id(tmp_path):
     proc = sweep_cli(
         "agents", "--agents", "3", "--count", "5", "--dir", str(tmp_path), "--partition", "gpu",
@@ -67,6 +65,7 @@ def test_an_array_of_wandb_agents_for_a_sweep_id(tmp_path):
     assert f"export PATH={sys.executable.rsplit('/', 1)[0]}:" in script  # the sweep's `python` is this one
 
 
+@pytest.mark.slow
 def test_a_sweep_id_takes_no_overrides_and_a_bad_target_is_named(tmp_path):
     proc = sweep_cli("agents", "--agents", "1", "--dry-run", "me/modelpatch/abc123", "patch=bn")
     assert proc.returncode == 2 and "take their overrides from the sweep file" in proc.stderr
@@ -74,8 +73,9 @@ def test_a_sweep_id_takes_no_overrides_and_a_bad_target_is_named(tmp_path):
     assert proc.returncode == 2 and "'no such/file.yaml' is neither a sweep folder nor a W&B sweep id" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_server_less_sweep_through_the_slurm_launcher(slurm, tmp_path, data_dir, wandb_env):  # noqa: F811
+def test_server_less_sweep_through_the_slurm_launcher(slurm, tmp_path, data_dir, wandb_env):
     """hydra/sweeper=wandb with hydra/launcher=slurm: each batch of the engine's runs is a SLURM array job."""
     sweep = slurm
     args = [*CLI_TINY, "hydra/sweeper=wandb", f"hydra.sweeper.sweep={write_sweep(tmp_path, BAYES)}"]

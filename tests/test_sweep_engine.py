@@ -23,26 +23,8 @@ from modelpatch.sweep_folder import (
     seed_engine,
 )
 
-from .test_cli import CLI_TINY, train_py
-from .test_wandb import wandb_env  # noqa: F401  (offline W&B, its folders under a temporary folder)
+from .support import BAYES, CLI_TINY, train_py, write_sweep
 from .wandb_offline import read_offline_run
-
-BAYES = {
-    "program": "train.py",
-    "name": "tiny-bayes",
-    "method": "bayes",
-    "metric": {"name": "val/acc", "goal": "maximize"},
-    "parameters": {
-        "optim.patch_lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.5},
-        "patch": {"values": ["logits", "bn"]},
-    },
-}
-
-
-def write_sweep(tmp_path: Path, config: dict) -> Path:
-    path = tmp_path / "sweep.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def fake_launch(folder: Path, objective):
@@ -149,8 +131,9 @@ def test_bad_sweep_file_is_refused_with_the_reason(tmp_path):
         load_sweep_file(tmp_path / "missing.yaml")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_offline_bayes_sweep_through_train_py(tmp_path, data_dir, wandb_env):  # noqa: F811
+def test_offline_bayes_sweep_through_train_py(tmp_path, data_dir, wandb_env):
     """hydra/sweeper=wandb with the serial launcher: 4 runs, 2 at a time; each run's config is what the
     engine suggested, its W&B run is in the sweep's group, its metric went back to the engine; running the
     command again with a larger count continues the sweep."""

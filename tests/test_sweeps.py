@@ -26,8 +26,7 @@ from modelpatch.patches import resolve_patch
 from modelpatch.run import check_config
 from modelpatch.sweep import flatten, program_command
 
-from .conftest import CONF, ROOT
-from .test_cli import CLI_TINY, train_py
+from .support import CLI_TINY, CONF, ROOT, train_py
 
 with warnings.catch_warnings():  # sweeps 0.3 sets a pydantic-1 config key that pydantic 2 warns about
     warnings.simplefilter("ignore", UserWarning)
@@ -168,6 +167,7 @@ def test_wandb_args_no_hyphens_gets_none_wrong(tmp_path, monkeypatch):
     GlobalHydra.instance().clear()
 
 
+@pytest.mark.slow
 def test_a_sweep_file_runs_as_wandb_agent_starts_it(tmp_path, data_dir, monkeypatch):
     """One run of sweeps/patch_x_task.yaml: the agent's command itself (with `python` on PATH being this
     environment's, as in an activated venv), plus the tiny-run overrides."""
@@ -186,6 +186,7 @@ def test_a_sweep_file_runs_as_wandb_agent_starts_it(tmp_path, data_dir, monkeypa
     assert {"patch=bn+dw", "++backbone.weights=null", "logger=csv"} <= set(results["overrides"])
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_its_trials_and_records_the_best(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     proc = train_py(
@@ -211,6 +212,7 @@ def test_optuna_search_runs_its_trials_and_records_the_best(tmp_path, data_dir):
     assert best["best_value"] == pytest.approx(max(r["val_acc"] for r in trials))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sweep",
     [["patch=bn,bogus", "+extras.note=${paths.output_dir}"], ["hparams_search=optuna_patch", "patch=choice(bn,bogus)"]],

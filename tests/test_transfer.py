@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from modelpatch.run import ConfigError, build, train
 
-from .conftest import ROOT
+from .support import ROOT
 
 TWO_TASKS = [
     "task=multi",
@@ -27,7 +27,7 @@ ADD_TASK = ["task=fmnist_a", "task.train_size=64", "task.val_size=64", "patch=bn
 @pytest.fixture(scope="module")
 def trained_two_tasks(tmp_path_factory, data_dir, fashion_mnist):
     """A 2-task model trained with its shared weights (train_shared=true): a non-trivial base."""
-    from .conftest import compose_cfg
+    from .support import compose_cfg
 
     out = tmp_path_factory.mktemp("two_tasks")
     _, objects = train(compose_cfg([*TWO_TASKS, "patch.train_shared=true"], out, data_dir))
@@ -69,6 +69,7 @@ def test_unknown_patch_source_names_the_loaded_tasks(make_cfg, trained_two_tasks
         build(make_cfg(*ADD_TASK, "init_patch_from=digits"))
 
 
+@pytest.mark.slow
 def test_init_from_run_records_its_source_and_evaluates_with_eval_py(make_cfg, trained_two_tasks, tmp_path, data_dir):
     ckpt, _ = trained_two_tasks
     train(make_cfg(*ADD_TASK, f"init_from={ckpt}", "trainer.limit_test_batches=1.0"))

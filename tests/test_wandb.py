@@ -3,31 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
 from modelpatch.report import COLUMNS
 from modelpatch.report import main as report_main
 
-from .test_cli import CLI_TINY, train_py
+from .support import CLI_TINY, train_py
 from .wandb_offline import read_offline_run
-
-
-@pytest.fixture(scope="module")
-def wandb_env(tmp_path_factory):
-    """Offline, with W&B's own settings, cache and staging folders under a temporary folder."""
-    home = tmp_path_factory.mktemp("wandb-home")
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
-    env |= {f"WANDB_{k}_DIR": str(home / k.lower()) for k in ("CONFIG", "CACHE", "DATA", "ARTIFACT")}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +27,7 @@ def wandb_run(wandb_env, tmp_path_factory):
     return out, runs[0]
 
 
+@pytest.mark.slow
 def test_training_run_logs_params_and_best_accuracy_to_wandb(wandb_run):
     out, run_dir = wandb_run
     results = json.loads((out / "results.json").read_text())
@@ -74,6 +58,7 @@ def test_training_run_logs_params_and_best_accuracy_to_wandb(wandb_run):
     assert run.config["meta"]["config"]["task"]["name"] == "digits"
 
 
+@pytest.mark.slow
 def test_report_logs_table_and_plot_to_a_wandb_run(wandb_run, tmp_path):
     out, _ = wandb_run
     report = tmp_path / "report"

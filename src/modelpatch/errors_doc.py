@@ -61,6 +61,7 @@ def _checkpoint_of_another_run(tmp: Path) -> None:
 
 
 CASES = [
+    Case(["seed=abc"], "seed='abc': set a whole number"),
     Case(["task=multi", "task.mixing=bogus"], "choose one of all"),
     Case(["optim.name=bogus"], "optim.name='bogus'"),
     Case(["optim.scheduler=bogus"], "optim.scheduler='bogus'"),

@@ -97,8 +97,20 @@ def _save_and_print_config(cfg: DictConfig) -> None:
         Console().print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
 
 
+def check_seed(seed: Any) -> int:
+    """``seed`` as the whole number Lightning seeds every generator with.
+
+    Raises:
+        ConfigError: naming the option and what it takes (``seed=abc``, ``seed=1.5``, ``seed=true``).
+    """
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32:
+        return seed
+    raise ConfigError(f"seed={seed!r}: set a whole number from 0 to 2**32-1 (seed=0; several runs: -m seed=0,1,2)")
+
+
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of names and values, before any data or weights are read."""
+    check_seed(cfg.seed)
     if cfg.backbone.name not in list_backbones():
         raise ConfigError(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(list_backbones())}")
     parse_kind(cfg.patch.kind)
@@ -233,7 +245,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     threads = threads_per_job(cfg.get("threads"))
     if threads:
         torch.set_num_threads(threads)
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(check_seed(cfg.seed), workers=True)
     datamodule, model = build(cfg)
     log.info(describe_params(model))
     callbacks = instantiate_dict(cfg.get("callbacks"))

@@ -63,7 +63,10 @@ class PoolLauncher(Launcher):
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
-        places = pool.pool_places(self.params["gpus"], self.params["jobs_per_gpu"], self.params["cpu_jobs"])
+        try:
+            places = pool.pool_places(self.params["gpus"], self.params["jobs_per_gpu"], self.params["cpu_jobs"])
+        except pool.PoolConfigError as err:  # the message alone (status 1), before any job starts
+            raise SystemExit(f"hydra/launcher=pool: {err}") from err
         threads = pool.threads_per_job(places, len(job_overrides), self.params.get("threads_per_job"))
         folder = Path(str(self.params["pool_folder"]))
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
