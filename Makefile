@@ -5,15 +5,38 @@ PY := $(VENV)/bin/python
 RUN ?= runs/main
 QUIET := extras.print_config=false  # progress: a bar on a terminal, a line per epoch otherwise
 
-.PHONY: main test test-fast setup system-deps lint clean
+LOCK := requirements.lock
+
+.PHONY: main test test-fast setup system-deps lock lock-upgrade lint clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+## The tested versions from $(LOCK) (pip's own included), each checked against its sha256, then this checkout
+## editable without dependencies: pyproject's ranges are for those who pip install modelpatch elsewhere.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,cluster]'
+	$(PY) -m pip install -q --require-hashes -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # built with the locked setuptools
 	touch $@
+
+## $(LOCK): pyproject's dependencies with the dev and cluster extras, and pip, pinned with hashes by pip-compile
+## (pip-tools, in its own venv; it uses pip's internals, so the pair below is the one checked together).
+## lock re-resolves within pyproject's ranges, keeping the pins that still fit; lock-upgrade takes the newest.
+## Then run make test (tests/test_lock.py checks the lock against pyproject and the installed versions).
+LOCK_VENV ?= .venv-lock
+LOCK_TOOLS := pip==26.3 pip-tools==7.7.0
+PIP_COMPILE := $(LOCK_VENV)/bin/pip-compile
+
+$(PIP_COMPILE):
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q $(LOCK_TOOLS)
+
+lock: $(PIP_COMPILE)
+	echo pip | CUSTOM_COMPILE_COMMAND="make lock" $(PIP_COMPILE) -q $(LOCK_ARGS) --generate-hashes --allow-unsafe \
+		--strip-extras --extra dev --extra cluster --no-emit-index-url --no-emit-find-links -o $(LOCK) pyproject.toml -
+
+lock-upgrade:
+	$(MAKE) lock LOCK_ARGS=--upgrade
 
 system-deps:
 	bash scripts/install-system-deps.sh
