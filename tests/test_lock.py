@@ -13,7 +13,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from .conftest import ROOT
+from .support import ROOT
 
 LOCK = ROOT / "requirements.lock"
 EXTRAS = ("dev", "cluster")  # the extras make setup installs (from the lock)
