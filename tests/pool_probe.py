@@ -3,8 +3,8 @@
 python tests/pool_probe.py -m hydra/launcher=pool seed=0,1,2 +probe.sleep=1 +probe.fail_seed=1: each job
 writes ``started.json`` into its output folder (its CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS, pid and start
 time), waits until ``probe.started`` jobs of the sweep have started (a barrier: jobs the pool runs at once
-overlap however slow the machine), sleeps, writes ``probe.json`` (the same and its end time); the job whose seed is ``probe.fail_seed``
-then raises.
+overlap however slow the machine), sleeps, writes ``probe.json`` (the same and its end time); the job whose
+seed is ``probe.fail_seed`` then raises.
 """
 
 import json

@@ -72,8 +72,8 @@ def test_pool_never_shares_a_gpu_runs_every_job_and_reports_the_failed_one(tmp_p
 def test_pool_runs_jobs_per_gpu_at_once_and_queues_the_rest(tmp_path):
     sweep = tmp_path / "sweep"
     proc = probe(
-        "hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=2", "seed=0,1,2", "+probe.started=2", "+probe.sleep=0.5",
-        f"hydra.sweep.dir={sweep}",
+        "hydra.launcher.gpus=[0]", "hydra.launcher.jobs_per_gpu=2", "seed=0,1,2", "+probe.started=2",
+        "+probe.sleep=0.5", f"hydra.sweep.dir={sweep}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "pool: 3 job(s), 3 done, 0 failed" in proc.stdout
