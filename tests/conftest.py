@@ -25,6 +25,8 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 BUSY_STATES = {"alloc", "comp"}  # transient: a job is running or its node is cleaning up
 
 
