@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from modelpatch.report import main as report_main
+from modelpatch.reporting.report import main as report_main
 
 from .conftest import ROOT, TINY
 

@@ -12,8 +12,8 @@ import torchvision
 from omegaconf import OmegaConf
 
 from modelpatch.data import DatasetMissingError, TaskDataModule, TaskError, TaskSpec, load_task, task_specs
-from modelpatch.data.disk import StreamSplit
 from modelpatch.data.embedded import augment_batch
+from modelpatch.data.specs import StreamSplit
 from modelpatch.run import build, train
 
 from .conftest import CONF

@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from modelpatch.pool import CPU, PoolConfigError, pool_places
+from modelpatch.cluster.pool import CPU, PoolConfigError, pool_places
 
 from .conftest import CONF, ROOT
 from .test_cli import CLI_TINY, train_py

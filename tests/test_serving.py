@@ -9,21 +9,14 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import modelpatch.serving as serving
-from modelpatch.backbones import build_backbone
-from modelpatch.mixed import mixed_twin
-from modelpatch.module import PatchModule, TaskHead
-from modelpatch.patches import resolve_patch
+import modelpatch.files.patch_files as serving
+from modelpatch.files.patch_files import BASE_FILE, PatchFileError, check_fits, export_patches, read_patch_file
+from modelpatch.files.patched_model import load_patched_model, storage_summary
+from modelpatch.models.multitask_forward import mixed_twin
+from modelpatch.models.patches import resolve_patch
 from modelpatch.run import train
-from modelpatch.serving import (
-    BASE_FILE,
-    PatchFileError,
-    check_fits,
-    export_patches,
-    load_patched_model,
-    read_patch_file,
-    storage_summary,
-)
+from modelpatch.training.module import PatchModule, TaskInfo
+from modelpatch.training.weights import load_backbone
 
 from .conftest import ROOT
 
@@ -49,12 +42,12 @@ def tiny_model(
     kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str = "task", channels_last: bool = False
 ) -> PatchModule:
     torch.manual_seed(0)
-    backbone = build_backbone("mobilenet_v2", width=0.25)
+    backbone = load_backbone("mobilenet_v2", width=0.25)
     with torch.no_grad():  # shared statistics and scales that differ per channel, as a trained model's
         for m in backbone.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
-    heads = [TaskHead(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": 32}) for n, k in tasks]
+    heads = [TaskInfo(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": 32}) for n, k in tasks]
     patch = resolve_patch(backbone, kind, norm_stats=norm_stats)
     model = PatchModule(backbone, patch, heads, channels_last=channels_last)
     with torch.no_grad():  # make every task's patch and statistics differ
@@ -140,14 +133,14 @@ def test_patch_for_another_backbone_or_base_is_refused(tmp_path):
     files = export_patches(model, tmp_path)
     pf = read_patch_file(files["a"])
     with pytest.raises(PatchFileError, match="backbone: patch file has mobilenet_v2, base has resnet18"):
-        check_fits(build_backbone("resnet18"), pf)
+        check_fits(load_backbone("resnet18"), pf)
     other = tmp_path / "other"
     export_patches(tiny_model("bn", tasks=(("z", 2),)), other)  # same architecture, new random base
     torch.manual_seed(1)
     serving.atomic_save(
-        dict(build_backbone("mobilenet_v2", width=0.25).state_dict()),
+        dict(load_backbone("mobilenet_v2", width=0.25).state_dict()),
         other / BASE_FILE,
-        serving.base_metadata(build_backbone("mobilenet_v2", width=0.25)),
+        serving.base_metadata(load_backbone("mobilenet_v2", width=0.25)),
     )
     with pytest.raises(PatchFileError, match="fingerprint: patch file has"):
         load_patched_model([files["a"]], base=str(other / BASE_FILE))
@@ -197,7 +190,7 @@ def test_storage_summary_and_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     merged = load_file(out)
     head = {k.removeprefix("head."): merged.pop(k) for k in list(merged) if k.startswith("head.")}
-    standalone = build_backbone("mobilenet_v2", width=0.25).eval()
+    standalone = load_backbone("mobilenet_v2", width=0.25).eval()
     standalone.load_state_dict(merged)
     images = torch.rand(4, 3, 32, 32)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from modelpatch.sweep_folder import RUN_FILE, read_runs, read_sweep
+from modelpatch.sweeps.folder import RUN_FILE, read_runs, read_sweep
 
 from .conftest import ROOT
 from .test_cli import CLI_TINY

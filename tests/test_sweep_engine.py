@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from modelpatch.sweep import SweepError
-from modelpatch.sweep_folder import (
+from modelpatch.sweeps.folder import (
     RUN_FILE,
     drive,
     init_sweep,
@@ -22,6 +21,7 @@ from modelpatch.sweep_folder import (
     read_sweep,
     seed_engine,
 )
+from modelpatch.sweeps.overrides import SweepError
 
 from .test_cli import CLI_TINY, train_py
 from .test_wandb import wandb_env  # noqa: F401  (offline W&B, its folders under a temporary folder)

@@ -7,7 +7,7 @@ the cores (``OMP_NUM_THREADS``), starts the next queued job as soon as one ends,
 job's outcome: a failed job does not stop the others. Ctrl-C (or SIGTERM) stops every child (its
 whole process group, DataLoader workers included) and re-raises. There is no time limit.
 
-A child runs ``python -m modelpatch.pool <job file>``: the file is written by the launcher for this
+A child runs ``python -m modelpatch.cluster.pool <job file>``: the file is written by the launcher for this
 one job (cloudpickle of the Hydra context, the task function and the job's config, as submitit does)
 and read back by the child it starts; nothing else is unpickled.
 """
@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from modelpatch.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -113,18 +115,6 @@ def pool_places(gpus: str | Sequence[int | str] | None, jobs_per_gpu: int, cpu_j
         if not found:
             log.info(f"pool: no GPU found; the ids {', '.join(ids)} name places (CUDA_VISIBLE_DEVICES of each job)")
     return dict.fromkeys(ids, jobs_per_gpu)
-
-
-def cores() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
-    return len(affinity(0)) if affinity else os.cpu_count() or 1
-
-
-def threads_per_job(places: dict[str, int], jobs: int, threads: int | None = None) -> int:
-    """Compute threads of each job: ``threads`` when set, else the cores shared among the jobs that run at once."""
-    if threads:
-        return int(threads)
-    return max(1, cores() // max(1, min(sum(places.values()), jobs)))
 
 
 def _device_label(device: str) -> str:
@@ -240,9 +230,7 @@ def _child(job_file: str, result_file: str) -> int:
     except Exception:  # an exception or return value that does not pickle: keep its text
         ret._return_value = RuntimeError(repr(ret._return_value))
         data = cloudpickle.dumps(ret)
-    tmp = Path(result_file).with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(result_file)
+    atomic_write(result_file, lambda tmp: tmp.write_bytes(data))
     return 0 if ret.status == JobStatus.COMPLETED else 1
 
 

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modelpatch.memory import use_memory_savers
+from modelpatch.models.memory import use_memory_savers
 
 NORM_LAYERS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 NORM_STATS = ("task", "frozen")

@@ -21,7 +21,7 @@ import torch
 from modelpatch.config import ConfigError
 
 if TYPE_CHECKING:
-    from modelpatch.module import PatchModule
+    from modelpatch.training.module import PatchModule
 
 BASE = "base"
 
@@ -66,12 +66,12 @@ def choose_patch_source(requested: str | None, hp: Mapping, loaded: Sequence[str
 def start_patches_from(model: PatchModule, tasks: Sequence[str], source: str) -> None:
     """Copy ``source``'s patched tensors (parameters and owned statistics) into each of ``tasks``."""
     if source == BASE:
-        base = model.model.backbone
+        base = model.backbone
         values = {**dict(base.named_parameters()), **dict(base.named_buffers())}
     else:
-        values = model.model.patches[source].tensors()
+        values = model.patches[source].tensors()
     for task in tasks:
-        for name, tensor in model.model.patches[task].tensors().items():
+        for name, tensor in model.patches[task].tensors().items():
             tensor.copy_(values[name])
 
 
