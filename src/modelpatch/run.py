@@ -34,10 +34,8 @@ from modelpatch.training import transfer
 from modelpatch.training.checkpoints import (
     NO_LAST_CHECKPOINT,
     check_resume,
-    load_tasks_from_checkpoint,
     read_init_checkpoint,
     resume_path,
-    transform_input_from_hparams,
 )
 from modelpatch.training.compiling import compile_backbone, compile_backend
 from modelpatch.training.console import quiet_lightning
@@ -126,7 +124,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
     check_distributed(cfg)
     specs = task_specs(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
     init = read_init_checkpoint(cfg)
-    source, kept = _init_plan(cfg, init, specs)
+    source, kept = transfer.plan(cfg, init, specs)
     bb = cfg.backbone
     weights = bb.weights
     if weights is not None and weights not in PRETRAINED:
@@ -158,28 +156,10 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
     if init is not None:
-        _load_init(model, init, source, kept)
+        transfer.load(model, init, source, kept)
     _cache_features(cfg, datamodule, model)
     compile_backbone(model, compile_backend(cfg.get("compile")))
     return datamodule, model
-
-
-def _init_plan(cfg: DictConfig, init: tuple | None, specs: list[TaskSpec]) -> tuple[str | None, list[TaskSpec]]:
-    """Where the new tasks' patches start, and the checkpoint's tasks this run keeps frozen (``init_from``)."""
-    if init is None:
-        if cfg.get("init_patch_from") is not None:
-            raise ConfigError("init_patch_from names where a task added by init_from starts: set init_from too")
-        return None, []
-    _, hp, path = init
-    source = transfer.choose_patch_source(cfg.get("init_patch_from"), hp, [t["name"] for t in hp["tasks"]], path)
-    names = {s.name for s in specs}
-    kept = [TaskSpec(**t["spec"]) for t in hp["tasks"] if t["name"] not in names]
-    if kept and cfg.patch.train_shared:
-        raise ConfigError(
-            f"patch.train_shared=true would change the outputs of the loaded tasks "
-            f"({', '.join(s.name for s in kept)}); keep it false to add tasks to a trained model"
-        )
-    return source, kept
 
 
 def _task_info(spec: TaskSpec, datamodule: TaskDataModule) -> TaskInfo:
@@ -191,22 +171,6 @@ def _task_info(spec: TaskSpec, datamodule: TaskDataModule) -> TaskInfo:
         spec.loss_weight,
         train_samples=len(data.train.labels),
         spec=asdict(spec),
-    )
-
-
-def _load_init(model: PatchModule, init: tuple, source: str, kept: list[TaskSpec]) -> None:
-    """Load the ``init_from`` checkpoint into ``model``, start the new tasks' patches, freeze the kept tasks."""
-    state, hp, path = init
-    loaded = load_tasks_from_checkpoint(model, state, path)
-    model.backbone.weights_source = path
-    model.backbone.restore_transform_input(transform_input_from_hparams(hp))
-    new = [t for t in model.task_names if t not in loaded]
-    transfer.start_patches_from(model, new, source)
-    transfer.record(model, hp, path, source, loaded, new)
-    model.freeze_tasks([s.name for s in kept])
-    log.info(
-        f"loaded tasks {', '.join(loaded)} from {path}; frozen: {', '.join(s.name for s in kept) or 'none'}; "
-        f"new task(s) {', '.join(new) or 'none'} start from the patch of {source}"
     )
 
 

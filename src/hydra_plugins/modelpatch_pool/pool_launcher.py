@@ -90,7 +90,7 @@ class PoolLauncher(Launcher):
             argv = [
                 sys.executable,
                 "-m",
-                "modelpatch.cluster.pool",
+                "hydra_plugins.modelpatch_pool.job",
                 str(job_folder / "job.pkl"),
                 str(job_folder / "result.pkl"),
             ]

@@ -7,9 +7,9 @@ the cores (``OMP_NUM_THREADS``), starts the next queued job as soon as one ends,
 job's outcome: a failed job does not stop the others. Ctrl-C (or SIGTERM) stops every child (its
 whole process group, DataLoader workers included) and re-raises. There is no time limit.
 
-A child runs ``python -m modelpatch.cluster.pool <job file>``: the file is written by the launcher for this
-one job (cloudpickle of the Hydra context, the task function and the job's config, as submitit does)
-and read back by the child it starts; nothing else is unpickled.
+A child runs :func:`run_job_file` (``python -m hydra_plugins.modelpatch_pool.job <job file> <result file>``): the
+file is written by the launcher for this one job (cloudpickle of the Hydra context, the task function and the
+job's config, as submitit does) and read back by the child it starts; nothing else is unpickled.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def summary(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def _child(job_file: str, result_file: str) -> int:
+def run_job_file(job_file: str, result_file: str) -> int:
     """Run one Hydra job from the file the launcher wrote; write its ``JobReturn``; exit 0 if it completed."""
     payload = pickle.loads(Path(job_file).read_bytes())  # written by this job's launcher, for this process
     for entry in reversed(payload["sys_path"]):
@@ -232,7 +232,3 @@ def _child(job_file: str, result_file: str) -> int:
         data = cloudpickle.dumps(ret)
     atomic_write(result_file, lambda tmp: tmp.write_bytes(data))
     return 0 if ret.status == JobStatus.COMPLETED else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_child(*sys.argv[1:3]))
