@@ -132,16 +132,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
     backbone = load_backbone(bb.name, weights=weights, width=bb.width, mean=bb.mean, std=bb.std)
     patch = resolve_patch(backbone, cfg.patch.kind, norm_stats=cfg.patch.norm_stats, model_name=bb.name)
     mixing = make_mixing(cfg.task.get("mixing", "all"), seed=cfg.seed)
-    datamodule = TaskDataModule(
-        specs + kept,
-        root=cfg.data.root,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        train_tasks=[s.name for s in specs],
-        mixing=mixing,
-    )
-    datamodule.setup()
+    datamodule = load_data(cfg, specs + kept, train_tasks=[s.name for s in specs], mixing=mixing)
     model = PatchModule(
         backbone,
         patch,
@@ -160,6 +151,20 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
     _cache_features(cfg, datamodule, model)
     compile_backbone(model, compile_backend(cfg.get("compile")))
     return datamodule, model
+
+
+def load_data(cfg: DictConfig, specs: list[TaskSpec], **kwargs) -> TaskDataModule:
+    """The tasks' data, loaded, with the ``data.*`` options of ``cfg`` (``kwargs``: more ``TaskDataModule`` ones)."""
+    datamodule = TaskDataModule(
+        specs,
+        root=cfg.data.root,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        **kwargs,
+    )
+    datamodule.setup()
+    return datamodule
 
 
 def _task_info(spec: TaskSpec, datamodule: TaskDataModule) -> TaskInfo:
@@ -323,15 +328,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     data_options = OmegaConf.to_container(cfg.data, resolve=True)
     catalog = {t: h.spec for t, h in model.tasks.items()}
     specs = task_specs({"tasks": model.task_names, "catalog": catalog}, data_options)
-    datamodule = TaskDataModule(
-        specs,
-        root=cfg.data.root,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        train_tasks=[],
-    )
-    datamodule.setup()
+    datamodule = load_data(cfg, specs, train_tasks=[])
     log.info(describe_params(model))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     trainer.test(model, datamodule=datamodule)
