@@ -1,7 +1,7 @@
 """What ``compile: true`` (torch.compile of the patched backbone, inductor) does to a training step.
 
 Per patch kind, two models built as the platform builds them (``step_time.Case``: mobilenet_v2 1.0,
-32x32, batch 128, channels-last), one compiled with ``modelpatch.compiling.compile_backbone``: the
+32x32, batch 128, channels-last), one compiled with ``modelpatch.training.compiling.compile_backbone``: the
 compiled model's first steps (where compiling happens) are timed alone, then steps of both models
 are timed interleaved and the medians reported.
 
@@ -29,7 +29,7 @@ from common import (
 )
 from step_time import BATCH, Case
 
-from modelpatch.compiling import compile_backbone
+from modelpatch.training.compiling import compile_backbone
 
 NAME, SIZE = "mobilenet_v2", 32
 

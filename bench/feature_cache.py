@@ -38,10 +38,11 @@ from common import (
 from probes import EpochTimer
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modelpatch.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 from modelpatch.config import compose_run_config
 from modelpatch.data.embedded import read_fashion_mnist, resize
+from modelpatch.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from modelpatch.run import build
+from modelpatch.training.weights import load_backbone
 
 TARGET = 20.0  # cached epoch >= 20x faster than uncached
 TRAIN_SIZE = 1000
@@ -65,7 +66,7 @@ def calibrated_backbone(work: Path, images: int = 1024) -> Path:
     x = resize(x[y < 5][:images], 32).float().div(255).expand(-1, 3, -1, -1)
     x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     torch.manual_seed(0)
-    backbone = build_backbone("mobilenet_v2")
+    backbone = load_backbone("mobilenet_v2")
     for m in backbone.modules():
         if isinstance(m, _BatchNorm):
             m.reset_running_stats()

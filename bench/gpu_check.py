@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from common import FASHION_MNIST, ROOT, check_device, machine_info, machine_line, md_table, median
 from step_time import Case
 
-from modelpatch.compiling import compile_backbone
+from modelpatch.training.compiling import compile_backbone
 
 CHECKS = ("step", "forward_mixed", "cache", "ddp", "pool")
 # (label, channels_last, lean_backward, bf16, compile)
@@ -115,14 +115,14 @@ def check_step(report: Report, args: argparse.Namespace) -> None:
 
 
 def check_forward_mixed(report: Report, args: argparse.Namespace) -> None:
-    from modelpatch.backbones import build_backbone
-    from modelpatch.module import PatchModule, TaskHead
-    from modelpatch.patches import resolve_patch
+    from modelpatch.models.patches import resolve_patch
+    from modelpatch.training.module import PatchModule, TaskInfo
+    from modelpatch.training.weights import load_backbone
 
     torch.manual_seed(0)
-    backbone = build_backbone("mobilenet_v2", width=args.width)
+    backbone = load_backbone("mobilenet_v2", width=args.width)
     patch = resolve_patch(backbone, "bn+dw", norm_stats="task", model_name="mobilenet_v2")
-    tasks = [TaskHead("a", 10), TaskHead("b", 5), TaskHead("c", 3)]
+    tasks = [TaskInfo("a", 10), TaskInfo("b", 5), TaskInfo("c", 3)]
     model = PatchModule(backbone, patch, tasks, channels_last=True).to(args.device).eval()
     with torch.no_grad():
         for p in model.model.patches.parameters():  # each task's patch different from the others'

@@ -30,9 +30,9 @@ from common import (
     wait_for_quiet,
 )
 
-from modelpatch.backbones import build_backbone
-from modelpatch.module import PatchModule, TaskHead
-from modelpatch.patches import resolve_patch
+from modelpatch.models.patches import resolve_patch
+from modelpatch.training.module import PatchModule, TaskInfo
+from modelpatch.training.weights import load_backbone
 
 TASKS = (("a", 3), ("b", 5), ("c", 4))
 BATCH = 256
@@ -51,8 +51,8 @@ LAYOUTS = {"channels_last": True, "nchw": False}
 
 def build_model(kind: str, norm_stats: str, device: str, channels_last: bool = True) -> PatchModule:
     torch.manual_seed(0)
-    backbone = build_backbone("mobilenet_v2", width=1.0)
-    heads = [TaskHead(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": SIZE}) for n, k in TASKS]
+    backbone = load_backbone("mobilenet_v2", width=1.0)
+    heads = [TaskInfo(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": SIZE}) for n, k in TASKS]
     patch = resolve_patch(backbone, kind, norm_stats=norm_stats)
     model = PatchModule(backbone, patch, heads, channels_last=channels_last)
     with torch.no_grad():  # make every task's patch and statistics differ (as tiny_model does)

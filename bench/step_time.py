@@ -1,7 +1,7 @@
 """Training step time and memory of every patch kind against full fine-tuning, per backbone.
 
 A step is forward + cross-entropy + backward + SGD (momentum 0.9) step, on a model built exactly
-as the platform builds it (``build_backbone``, ``resolve_patch``, ``PatchModule``), from uint8
+as the platform builds it (``load_backbone``, ``resolve_patch``, ``PatchModule``), from uint8
 images ``[B, 3, S, S]``. All kinds of one (backbone, size) are built in one process and timed
 interleaved, round after round, and the median step is reported.
 
@@ -34,13 +34,13 @@ from common import (
 )
 from torch.autograd.graph import saved_tensors_hooks
 
-from modelpatch.backbones import build_backbone
-from modelpatch.module import PatchModule, TaskHead
-from modelpatch.patches import PatchError, resolve_patch
+from modelpatch.models.patches import PatchError, resolve_patch
+from modelpatch.training.module import PatchModule, TaskInfo
+from modelpatch.training.weights import load_backbone
 
 # Patch kinds as the platform trains them (norm_stats="task", except "logits": "frozen"), and with
 # BatchNorm statistics kept as loaded ("@frozen"). Each runs as the platform does (lean_backward:
-# true, modelpatch.memory) and with PyTorch's own layers ("!plain": lean_backward=false).
+# true, modelpatch.models.memory) and with PyTorch's own layers ("!plain": lean_backward=false).
 _PATCHES = ("full", "bn", "bn@frozen", "bias", "bias@frozen", "dw", "dw@frozen", "bn+dw", "logits")
 KINDS = tuple(k for p in _PATCHES for k in (p, f"{p}!plain"))
 # Activation memory targets (issue 14): saved for backward <= this x full's (PyTorch's layers).
@@ -72,12 +72,12 @@ class Case:
         batch: int = BATCH,
     ):  # fmt: skip
         torch.manual_seed(0)
-        backbone = build_backbone(name, width=width)
+        backbone = load_backbone(name, width=width)
         kind, _, plain = kind.partition("!")
         kind, _, stats = kind.partition("@")
         stats = stats or ("frozen" if kind == "logits" else "task")
         patch = resolve_patch(backbone, kind, norm_stats=stats, model_name=name)
-        model = PatchModule(backbone, patch, [TaskHead("t", 10)], channels_last=channels_last, lean_backward=not plain)
+        model = PatchModule(backbone, patch, [TaskInfo("t", 10)], channels_last=channels_last, lean_backward=not plain)
         self.model = model.to(device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
@@ -338,11 +338,11 @@ def main() -> None:
                 ratios[channels_last] = (bn, full)
     intro = (
         f"Each step: forward + cross-entropy + backward + SGD (momentum 0.9) step on uint8 input "
-        f"[{BATCH}, 3, S, S], model built as the platform does (`build_backbone(name)`, "
+        f"[{BATCH}, 3, S, S], model built as the platform does (`load_backbone(name)`, "
         f"`resolve_patch(..., norm_stats='frozen' if logits else 'task')`, "
-        f"`PatchModule(..., [TaskHead('t', 10)], channels_last=...)`), random init, in the platform's default "
+        f"`PatchModule(..., [TaskInfo('t', 10)], channels_last=...)`), random init, in the platform's default "
         f"channels-last layout (`channels_last: true`: convolution weights and inputs NHWC) unless the table "
-        f"says NCHW; rows run with the platform's default `lean_backward: true` (`modelpatch.memory`: frozen "
+        f"says NCHW; rows run with the platform's default `lean_backward: true` (`modelpatch.models.memory`: frozen "
         f"convolutions and frozen-statistics BatchNorm keep no input, ReLUs a 1-byte mask), `(lean_backward=false)` "
         f"rows with PyTorch's own layers; `(norm_stats=frozen)`: BatchNorm statistics kept as loaded "
         f"(layers in eval mode), for comparison with the platform's default (each task re-estimates them). "

@@ -14,10 +14,10 @@ import torchvision
 import yaml
 from omegaconf import DictConfig
 
-from modelpatch.backbones import build_backbone
 from modelpatch.config import compose_run_config
-from modelpatch.module import PatchModule, TaskHead
-from modelpatch.patches import resolve_patch
+from modelpatch.models.patches import resolve_patch
+from modelpatch.training.module import PatchModule, TaskInfo
+from modelpatch.training.weights import load_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -134,12 +134,12 @@ def tiny_model(
     kind: str, tasks=(("a", 3), ("b", 5), ("c", 4)), norm_stats: str = "task", channels_last: bool = False
 ) -> PatchModule:
     torch.manual_seed(0)
-    backbone = build_backbone("mobilenet_v2", width=0.25)
+    backbone = load_backbone("mobilenet_v2", width=0.25)
     with torch.no_grad():  # shared statistics and scales that differ per channel, as a trained model's
         for m in backbone.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.uniform_(0.5, 1.5)
-    heads = [TaskHead(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": 32}) for n, k in tasks]
+    heads = [TaskInfo(n, k, [str(i) for i in range(k)], spec={"name": n, "input_size": 32}) for n, k in tasks]
     patch = resolve_patch(backbone, kind, norm_stats=norm_stats)
     model = PatchModule(backbone, patch, heads, channels_last=channels_last)
     with torch.no_grad():  # make every task's patch and statistics differ

@@ -1,4 +1,4 @@
-"""Bad input: every case of ``modelpatch.errors_doc`` fails early with its message (and docs/errors.md is
+"""Bad input: every case of ``scripts/errors_doc.py`` fails early with its message (and docs/errors.md is
 their table); inputs that are handled (a last batch of one, a zero learning rate, warmup under max_steps,
 resuming under other options) do what they say, through the real Trainer."""
 
@@ -10,8 +10,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from modelpatch.errors_doc import CASES, run_case, table
-from modelpatch.run import ConfigError, train
+from modelpatch.config import ConfigError
+from modelpatch.run import train
+from scripts.errors_doc import CASES, run_case, table
 
 from .support import DIGITS, ROOT
 
@@ -26,7 +27,7 @@ def test_bad_input_is_refused_before_any_data_is_read(case, tmp_path):
 
 def test_errors_doc_is_the_generated_table():
     doc = ROOT / "docs" / "errors.md"
-    assert doc.read_text() == table(), "regenerate: python -m modelpatch.errors_doc > docs/errors.md"
+    assert doc.read_text() == table(), "regenerate: python scripts/errors_doc.py > docs/errors.md"
 
 
 def test_a_last_batch_of_one_is_dropped(make_cfg):

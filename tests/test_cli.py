@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from modelpatch.report import main as report_main
+from modelpatch.reporting.report import main as report_main
 
 from .support import CLI_TINY, train_py
 

@@ -6,9 +6,9 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from modelpatch.backbones import build_backbone
 from modelpatch.data import task_specs
-from modelpatch.patches import resolve_patch
+from modelpatch.models.patches import resolve_patch
+from modelpatch.training.weights import load_backbone
 
 from .support import CONF
 
@@ -32,7 +32,7 @@ def test_every_option_composes(make_cfg, group, option):
     assert specs and all(s.input_size > 0 for s in specs)
     if group == "backbone":
         width = 0.25 if option == "mobilenet_v2" else 1.0
-        backbone = build_backbone(cfg.backbone.name, width=width)
+        backbone = load_backbone(cfg.backbone.name, width=width)
         assert resolve_patch(backbone, cfg.patch.kind).params
     if group == "patch":
         assert cfg.patch.kind == option

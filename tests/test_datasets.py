@@ -11,8 +11,8 @@ import torchvision
 from omegaconf import OmegaConf
 
 from modelpatch.data import DatasetMissingError, TaskDataModule, TaskError, TaskSpec, load_task, task_specs
-from modelpatch.data.disk import StreamSplit
 from modelpatch.data.embedded import augment_batch
+from modelpatch.data.specs import StreamSplit
 from modelpatch.run import build, train
 
 from .fixtures_datasets import AIRCRAFT, CARS, FLOWERS, FOOD, TEXTURES, WRITERS, write_food101, write_imagefolder

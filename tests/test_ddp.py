@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from modelpatch.config import ConfigError
 from modelpatch.data import make_mixing
-from modelpatch.distributed import ddp_strategy
 from modelpatch.run import build, train
+from modelpatch.training.distributed import ddp_strategy
 
 from .support import ROOT, TINY, assert_close_scaled
 

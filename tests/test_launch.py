@@ -2,7 +2,7 @@
 
 import pytest
 
-from modelpatch.launch import CONCURRENT_JOBS_ENV, count_sweep_jobs, threads_per_job
+from modelpatch.cluster.jobs import CONCURRENT_JOBS_ENV, count_sweep_jobs, threads_per_job
 
 
 def test_count_sweep_jobs_multiplies_the_swept_values():

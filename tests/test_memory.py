@@ -9,18 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from modelpatch.backbones import build_backbone
-from modelpatch.memory import (
-    LeanBatchNorm2d,
-    LeanConv2d,
-    LeanReLU,
-    LeanReLU6,
-    _MaskedClamp,
-    use_memory_savers,
-)
-from modelpatch.mixed import forward_mixed
-from modelpatch.module import PatchModule, TaskHead
-from modelpatch.patches import resolve_patch
+from modelpatch.models.memory import LeanBatchNorm2d, LeanConv2d, LeanReLU, LeanReLU6, _MaskedClamp, use_memory_savers
+from modelpatch.models.multitask_forward import forward_mixed
+from modelpatch.models.patches import resolve_patch
+from modelpatch.training.module import PatchModule, TaskInfo
+from modelpatch.training.weights import load_backbone
 
 from .support import assert_close_scaled
 
@@ -35,7 +28,7 @@ def backbone(name: str) -> nn.Module:
     """A fresh copy of a backbone built once per session (random init, deterministic)."""
     if name not in _BACKBONES:
         torch.manual_seed(0)
-        _BACKBONES[name] = build_backbone(name, width=0.25) if name == "mobilenet_v2" else build_backbone(name)
+        _BACKBONES[name] = load_backbone(name, width=0.25) if name == "mobilenet_v2" else load_backbone(name)
     return copy.deepcopy(_BACKBONES[name])
 
 
@@ -46,7 +39,7 @@ def step(name: str, kind: str, lean: bool, autocast: bool = False, batch: int = 
     bb = backbone(name)
     patch = resolve_patch(bb, kind, norm_stats=stats or "task")
     torch.manual_seed(0)  # the same head
-    model = PatchModule(bb, patch, [TaskHead("t", 4)], lean_backward=lean, channels_last=True).train()
+    model = PatchModule(bb, patch, [TaskInfo("t", 4)], lean_backward=lean, channels_last=True).train()
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     resident = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
     saved: dict[int, int] = {}
@@ -110,7 +103,7 @@ def test_savers_are_on_by_default_and_off_with_lean_backward_false():
     types = {type(m) for m in model.modules()}
     assert {LeanConv2d, LeanBatchNorm2d, LeanReLU6} <= types
     _, _, plain = step("mobilenet_v2", "bias@frozen", lean=False)
-    assert not any(type(m).__module__ == "modelpatch.memory" for m in plain.modules())
+    assert not any(type(m).__module__ == "modelpatch.models.memory" for m in plain.modules())
     assert PatchModule.__init__.__kwdefaults__["lean_backward"] is True
 
 
@@ -195,7 +188,7 @@ def test_savers_step_aside_under_vmap():
     """``forward_mixed`` runs other patches under ``torch.func.vmap``, which custom backward
     functions do not support: there the plain layers run, even with gradients enabled."""
     bb = backbone("mobilenet_v2")
-    model = PatchModule(bb, resolve_patch(bb, "bias"), [TaskHead("a", 3), TaskHead("b", 3)])
+    model = PatchModule(bb, resolve_patch(bb, "bias"), [TaskInfo("a", 3), TaskInfo("b", 3)])
     model.eval().model._twin = [None]  # no per-sample twin: the vmap path
     images = torch.rand(4, 3, 32, 32)
     mixed = forward_mixed(model.model, images, torch.tensor([0, 1, 0, 1]), ["a", "b"])

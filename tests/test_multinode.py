@@ -18,8 +18,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from modelpatch.ranks import launch_rank
-from modelpatch.report import main as report_main
+from modelpatch.cluster.ranks import launch_rank
+from modelpatch.reporting.report import main as report_main
 from modelpatch.run import extras
 
 from .support import ROOT, SMALL_MIX, TINY

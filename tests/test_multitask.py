@@ -9,11 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from modelpatch.checkpoints import CheckpointMismatchError
+from modelpatch.config import ConfigError
 from modelpatch.data import TaskError
 from modelpatch.data.mixing import tasks_per_rank
-from modelpatch.module import TaskTrainStats
-from modelpatch.run import ConfigError, build, train
+from modelpatch.run import build, train
+from modelpatch.training.checkpoints import CheckpointMismatchError
+from modelpatch.training.metrics import TaskTrainStats
 
 from .support import ROOT, SMALL_MIX, TINY
 

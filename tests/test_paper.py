@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from modelpatch.backbones import pretrained_weights_file
+from modelpatch.models.backbones import pretrained_weights_file
 from modelpatch.run import train
 
 from .fixtures_datasets import write_flowers102, write_imagenet, write_places365

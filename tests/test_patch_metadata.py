@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modelpatch.serving import PatchFileError, export_patches, load_patched_model, read_patch_file
+from modelpatch.files.patch_files import PatchFileError, export_patches, read_patch_file
+from modelpatch.files.patched_model import load_patched_model
 
 from .support import tiny_model
 

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modelpatch.backbones import build_backbone
-from modelpatch.patches import PatchedBackbone, PatchError, parse_kind, resolve_patch
+from modelpatch.models.patches import PatchedBackbone, PatchError, parse_kind, resolve_patch
+from modelpatch.training.weights import load_backbone
 
 
 def numel(model: nn.Module, names) -> int:
@@ -15,7 +15,7 @@ def numel(model: nn.Module, names) -> int:
 
 
 def test_mobilenet_v2_patch_sizes_match_the_paper():
-    backbone = build_backbone("mobilenet_v2", width=1.0)
+    backbone = load_backbone("mobilenet_v2", width=1.0)
     assert numel(backbone, resolve_patch(backbone, "bn").params) == 34_112
     assert numel(backbone, resolve_patch(backbone, "dw").params) == 64_224
     assert numel(backbone, resolve_patch(backbone, "bn+dw").params) == 34_112 + 64_224
@@ -66,7 +66,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", ["mobilenet_v2", "resnet18", "convnext_tiny", "efficientnet_b0"])
 def test_each_kind_selects_the_right_layers(name):
-    backbone = build_backbone(name)
+    backbone = load_backbone(name)
     bn_count, dw_count, bias_count = EXPECTED[name]
     bn = resolve_patch(backbone, "bn").params
     assert numel(backbone, bn) == bn_count
@@ -82,14 +82,14 @@ def test_each_kind_selects_the_right_layers(name):
 
 
 def test_convnext_bn_patch_is_its_layernorms():
-    backbone = build_backbone("convnext_tiny")
+    backbone = load_backbone("convnext_tiny")
     assert not any(isinstance(m, _BatchNorm) for m in backbone.modules())
     patch = resolve_patch(backbone, "bn")
     assert len(patch.params) > 0 and patch.buffers == ()
 
 
 def test_a_patch_that_selects_nothing_names_backbone_and_alternatives():
-    backbone = build_backbone("resnet18")
+    backbone = load_backbone("resnet18")
     with pytest.raises(PatchError, match=r"'dw' selects nothing on resnet18.*depthwise.*bias, bn, full, logits"):
         resolve_patch(backbone, "bn+dw", model_name="resnet18")
 
@@ -101,7 +101,7 @@ def test_unknown_kinds_are_refused_with_the_valid_ones(kind):
 
 
 def test_repeated_kind_and_bad_norm_stats():
-    backbone = build_backbone("mobilenet_v2", width=0.25)
+    backbone = load_backbone("mobilenet_v2", width=0.25)
     with pytest.raises(PatchError, match="twice"):
         parse_kind("bn+bn")
     with pytest.raises(PatchError, match="norm_stats must be one of task, frozen"):
@@ -110,7 +110,7 @@ def test_repeated_kind_and_bad_norm_stats():
 
 def test_task_patches_start_equal_and_train_separately():
     torch.manual_seed(0)
-    backbone = build_backbone("mobilenet_v2", width=0.25)
+    backbone = load_backbone("mobilenet_v2", width=0.25)
     model = PatchedBackbone(backbone, resolve_patch(backbone, "bn+dw"), ["a", "b"]).eval()
     x = torch.randn(4, 3, 32, 32)
     torch.testing.assert_close(model(x, "a"), backbone(x), rtol=0, atol=0)
@@ -127,14 +127,14 @@ def test_task_patches_start_equal_and_train_separately():
 
 
 def test_frozen_statistics_keep_norm_layers_in_eval_mode():
-    backbone = build_backbone("mobilenet_v2", width=0.25)
+    backbone = load_backbone("mobilenet_v2", width=0.25)
     model = PatchedBackbone(backbone, resolve_patch(backbone, "bn", norm_stats="frozen"), ["a"]).train()
     assert all(not m.training for m in backbone.modules() if isinstance(m, _BatchNorm))
     assert model.patches["a"].tensors().keys() == set(resolve_patch(backbone, "bn").params)
 
 
 def test_train_shared_unfreezes_only_unpatched_parameters():
-    backbone = build_backbone("mobilenet_v2", width=0.25)
+    backbone = load_backbone("mobilenet_v2", width=0.25)
     patch = resolve_patch(backbone, "bn")
     model = PatchedBackbone(backbone, patch, ["a"], train_shared=True)
     trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}

@@ -16,7 +16,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from modelpatch.pool import CPU, PoolConfigError, pool_places
+from modelpatch.cluster.pool import CPU, PoolConfigError, pool_places
 
 from .support import CLI_TINY, CONF, ROOT, popen, train_py
 

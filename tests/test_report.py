@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from modelpatch.multitask_report import multitask_rows
-from modelpatch.report import aggregate, collect, fronts, main, rows, setting_label
+from modelpatch.reporting.multitask import multitask_rows
+from modelpatch.reporting.report import aggregate, collect, fronts, main, rows, setting_label
 
 
 def result(tasks: dict[str, tuple[float, int]], *, patch="bn", backbone="mobilenet_v2", seed=0, total=1000, **kw):

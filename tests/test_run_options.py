@@ -8,8 +8,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
-from modelpatch.console import ProgressLines, progress_bar
 from modelpatch.run import train
+from modelpatch.training.console import ProgressLines, progress_bar
 
 from .support import CLI_TINY, train_py
 

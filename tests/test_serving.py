@@ -9,19 +9,12 @@ import torch
 from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import modelpatch.serving as serving
-from modelpatch.backbones import build_backbone
-from modelpatch.mixed import mixed_twin
+import modelpatch.files.patch_files as serving
+from modelpatch.files.patch_files import BASE_FILE, PatchFileError, check_fits, export_patches, read_patch_file
+from modelpatch.files.patched_model import load_patched_model, storage_summary
+from modelpatch.models.multitask_forward import mixed_twin
 from modelpatch.run import train
-from modelpatch.serving import (
-    BASE_FILE,
-    PatchFileError,
-    check_fits,
-    export_patches,
-    load_patched_model,
-    read_patch_file,
-    storage_summary,
-)
+from modelpatch.training.weights import load_backbone
 
 from .support import ROOT, assert_close_scaled, tiny_model
 
@@ -117,14 +110,14 @@ def test_patch_for_another_backbone_or_base_is_refused(tmp_path):
     files = export_patches(model, tmp_path)
     pf = read_patch_file(files["a"])
     with pytest.raises(PatchFileError, match="backbone: patch file has mobilenet_v2, base has resnet18"):
-        check_fits(build_backbone("resnet18"), pf)
+        check_fits(load_backbone("resnet18"), pf)
     other = tmp_path / "other"
     export_patches(tiny_model("bn", tasks=(("z", 2),)), other)  # same architecture, new random base
     torch.manual_seed(1)
     serving.atomic_save(
-        dict(build_backbone("mobilenet_v2", width=0.25).state_dict()),
+        dict(load_backbone("mobilenet_v2", width=0.25).state_dict()),
         other / BASE_FILE,
-        serving.base_metadata(build_backbone("mobilenet_v2", width=0.25)),
+        serving.base_metadata(load_backbone("mobilenet_v2", width=0.25)),
     )
     with pytest.raises(PatchFileError, match="fingerprint: patch file has"):
         load_patched_model([files["a"]], base=str(other / BASE_FILE))
@@ -175,7 +168,7 @@ def test_storage_summary_and_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     merged = load_file(out)
     head = {k.removeprefix("head."): merged.pop(k) for k in list(merged) if k.startswith("head.")}
-    standalone = build_backbone("mobilenet_v2", width=0.25).eval()
+    standalone = load_backbone("mobilenet_v2", width=0.25).eval()
     standalone.load_state_dict(merged)
     images = torch.rand(4, 3, 32, 32)
     with torch.no_grad():

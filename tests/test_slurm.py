@@ -20,8 +20,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf.errors import InterpolationResolutionError
 
-import modelpatch.launch  # noqa: F401  (registers the mp.* resolvers the launcher configs use)
-from modelpatch.wandb_utils import stable_run_id
+import modelpatch.resolvers  # noqa: F401  (registers the mp.* resolvers the launcher configs use)
+from modelpatch.resolvers import wandb_run_id
 
 from .support import CLI_TINY, CONF, ROOT, train_py_slurm
 from .wandb_offline import read_offline_run
@@ -108,7 +108,7 @@ def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slur
         assert json.loads((sweep / str(num) / "results.json").read_text())["test_acc"] is not None
     attempts = {num: sorted((sweep / str(num) / "wandb").glob("offline-run-*")) for num in (0, 1)}
     ids = {num: [p.name.rsplit("-", 1)[1] for p in runs] for num, runs in attempts.items()}
-    assert ids == {0: [stable_run_id(str(sweep / "0"))] * 2, 1: [stable_run_id(str(sweep / "1"))]}, ids
+    assert ids == {0: [wandb_run_id(str(sweep / "0"))] * 2, 1: [wandb_run_id(str(sweep / "1"))]}, ids
     steps = [[r["trainer/global_step"] for r in read_offline_run(p).history if "val/acc" in r] for p in attempts[0]]
     # the second attempt logs on from the resumed step (the first may have been stopped before validating),
     # then the best checkpoint re-validated after training (at the final step)

@@ -16,8 +16,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-import modelpatch.launch  # noqa: F401  (registers the mp.* resolvers the launcher configs use)
-from modelpatch.slurm import SlurmResourceError, slurm_nodes, slurm_shape_problems
+import modelpatch.resolvers  # noqa: F401  (registers the mp.* resolvers the launcher configs use)
+from modelpatch.cluster.callbacks import slurm_shape_problems
+from modelpatch.cluster.slurm import SlurmResourceError, slurm_nodes
 
 from .support import CLI_TINY, CONF, ROOT, START_CLUSTER, train_py_slurm
 

@@ -1,4 +1,4 @@
-"""SLURM resources that follow the run (``modelpatch.slurm``): GPUs only where the partition has them,
+"""SLURM resources that follow the run (``modelpatch.cluster.slurm``): GPUs only where the partition has them,
 CPUs for the data loaders, requeues that cover the paper experiments' hours; the README's SLURM line on the
 local cluster (no GPUs) as users type it. No cluster is a failure, never a skip."""
 
@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from modelpatch.slurm import cpus_per_task, gres_gpus, requeues
+from modelpatch.cluster.slurm import cpus_per_task, gres_gpus, requeues
 
 from .support import CLI_TINY, CONF, ROOT
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from modelpatch.sweep_folder import RUN_FILE, read_runs, read_sweep
+from modelpatch.sweeps.folder import RUN_FILE, read_runs, read_sweep
 
 from .support import BAYES, CLI_TINY, ROOT, write_sweep
 from .wandb_offline import read_offline_run

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
-from modelpatch.sweep import SweepError
-from modelpatch.sweep_folder import (
+from modelpatch.sweeps.folder import (
     RUN_FILE,
     drive,
     init_sweep,
@@ -22,6 +21,7 @@ from modelpatch.sweep_folder import (
     read_sweep,
     seed_engine,
 )
+from modelpatch.sweeps.overrides import SweepError
 
 from .support import BAYES, CLI_TINY, train_py, write_sweep
 from .wandb_offline import read_offline_run

@@ -20,11 +20,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
 
-from modelpatch.backbones import build_backbone
-from modelpatch.launch import check_group_choices
-from modelpatch.patches import resolve_patch
+from modelpatch.cluster.callbacks import check_group_choices
+from modelpatch.models.patches import resolve_patch
 from modelpatch.run import check_config
-from modelpatch.sweep import flatten, program_command
+from modelpatch.sweeps.overrides import flatten, program_command
+from modelpatch.training.weights import load_backbone
 
 from .support import CLI_TINY, CONF, ROOT, train_py
 
@@ -124,7 +124,7 @@ def test_wandb_sweep_is_valid_and_each_agent_command_composes(path, tmp_path, mo
         backbones.setdefault(cfg.backbone.name, cfg.backbone)
     GlobalHydra.instance().clear()
     # the patch selects something on each backbone it is swept on (random init: no download)
-    built = {n: build_backbone(n, weights=None, width=b.width, mean=b.mean, std=b.std) for n, b in backbones.items()}
+    built = {n: load_backbone(n, weights=None, width=b.width, mean=b.mean, std=b.std) for n, b in backbones.items()}
     for name, kind, norm_stats in sorted(pairs):
         resolve_patch(built[name], kind, norm_stats=norm_stats, model_name=name)
 

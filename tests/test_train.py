@@ -7,12 +7,13 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from modelpatch.backbones import BackboneError
+from modelpatch.config import ConfigError
 from modelpatch.data import DatasetMissingError, TaskError
-from modelpatch.memory import LeanConv2d
-from modelpatch.module import warmup_cosine
-from modelpatch.patches import PatchError
-from modelpatch.run import ConfigError, build, train
+from modelpatch.models.backbones import BackboneError
+from modelpatch.models.memory import LeanConv2d
+from modelpatch.models.patches import PatchError
+from modelpatch.run import build, train
+from modelpatch.training.optim import warmup_cosine
 
 from .support import DIGITS, assert_close_scaled
 
@@ -26,7 +27,7 @@ def test_each_patch_trains_and_writes_results(make_cfg, patch, tmp_path):
     assert results["patch"] == patch
     task = results["tasks"]["digits"]
     assert 0.0 <= task["test_acc"] <= 1.0 and task["test_acc"] == metrics["test/digits/acc"]
-    assert task["num_classes"] == 10 and task["params_head"] == model.model.backbone.width * 10 + 10
+    assert task["num_classes"] == 10 and task["params_head"] == model.model.backbone.num_features * 10 + 10
     counts = results["params"]
     assert counts["trainable"] == task["params_patch"] + task["params_head"]
     assert counts["total"] == counts["shared"] + task["params_patch"] + task["params_head"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from modelpatch.run import ConfigError, build, train
+from modelpatch.config import ConfigError
+from modelpatch.run import build, train
 
 from .support import ROOT
 
@@ -98,7 +99,7 @@ def test_init_from_run_records_its_source_and_evaluates_with_eval_py(make_cfg, t
 
 
 def test_default_source_follows_where_the_base_got_its_values():
-    from modelpatch.transfer import default_patch_source
+    from modelpatch.training.transfer import default_patch_source
 
     def hp(weights, train_shared, **extra):
         return {"backbone": {"weights": weights}, "patch": {"train_shared": train_shared}, **extra}

@@ -4,18 +4,20 @@ recorded in checkpoints, base files and patch files, restored from each, and par
 import pytest
 import torch
 
-from modelpatch.backbones import build_backbone, fingerprint
-from modelpatch.module import PatchModule, TaskHead
-from modelpatch.patches import resolve_patch
+from modelpatch.files.patch_files import BASE_FILE, base_metadata, export_patches, save_tensors
+from modelpatch.files.patched_model import load_patched_model
+from modelpatch.models.backbones import fingerprint
+from modelpatch.models.patches import resolve_patch
 from modelpatch.run import build
-from modelpatch.serving import BASE_FILE, atomic_save, base_metadata, export_patches, load_patched_model
+from modelpatch.training.module import PatchModule, TaskInfo
+from modelpatch.training.weights import load_backbone
 
 
 @pytest.fixture(scope="module")
 def inception():
     """A random inception_v3 with the input rescaling of torchvision's pretrained one."""
     torch.manual_seed(0)
-    backbone = build_backbone("inception_v3")
+    backbone = load_backbone("inception_v3")
     assert backbone.body.transform_input is False  # random init: torchvision's default
     backbone.body.transform_input = True
     return backbone.eval()
@@ -31,19 +33,19 @@ def test_fingerprint_covers_transform_input(inception):
 
 
 def test_base_file_and_checkpoint_restore_transform_input(inception, tmp_path):
-    atomic_save(dict(inception.state_dict()), tmp_path / BASE_FILE, base_metadata(inception))
-    loaded = build_backbone("inception_v3", weights=tmp_path / BASE_FILE)
+    save_tensors(dict(inception.state_dict()), tmp_path / BASE_FILE, base_metadata(inception))
+    loaded = load_backbone("inception_v3", weights=tmp_path / BASE_FILE)
     assert loaded.body.transform_input is True and fingerprint(loaded) == fingerprint(inception)
 
-    model = PatchModule(inception, resolve_patch(inception, "bn"), [TaskHead("digits", 10, spec={"name": "digits"})])
+    model = PatchModule(inception, resolve_patch(inception, "bn"), [TaskInfo("digits", 10, spec={"name": "digits"})])
     assert model.hparams["backbone"].get("transform_input") is True
     ckpt = tmp_path / "one_task.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
-    assert build_backbone("inception_v3", weights=ckpt).body.transform_input is True
+    assert load_backbone("inception_v3", weights=ckpt).body.transform_input is True
 
 
 def test_patch_files_serve_the_function_they_were_trained_in(inception, tmp_path):
-    model = PatchModule(inception, resolve_patch(inception, "bn"), [TaskHead("a", 3, spec={"name": "a"})]).eval()
+    model = PatchModule(inception, resolve_patch(inception, "bn"), [TaskInfo("a", 3, spec={"name": "a"})]).eval()
     files = export_patches(model, tmp_path)
     served = load_patched_model([files["a"]])
     assert served.model.backbone.body.transform_input is True
@@ -53,7 +55,7 @@ def test_patch_files_serve_the_function_they_were_trained_in(inception, tmp_path
 
 
 def test_init_from_restores_transform_input(inception, make_cfg, tmp_path):
-    model = PatchModule(inception, resolve_patch(inception, "bn"), [TaskHead("digits", 10, spec={"name": "digits"})])
+    model = PatchModule(inception, resolve_patch(inception, "bn"), [TaskInfo("digits", 10, spec={"name": "digits"})])
     ckpt = tmp_path / "multi.ckpt"
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, ckpt)
     cfg = make_cfg(

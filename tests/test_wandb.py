@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from modelpatch.report import COLUMNS
-from modelpatch.report import main as report_main
+from modelpatch.reporting.report import COLUMNS
+from modelpatch.reporting.report import main as report_main
 
 from .support import CLI_TINY, train_py
 from .wandb_offline import read_offline_run

@@ -1,5 +1,5 @@
-"""The run config: where ``conf/`` is (a checkout's, or the copy shipped in the package), and composing it
-as ``train.py`` would, for runs in this process (tests, benchmarks, notebooks)."""
+"""The run config: where ``conf/`` is (a checkout's, or the copy shipped in the package), composing it as
+``train.py`` would, for runs in this process (tests, benchmarks, notebooks), and reading Hydra overrides."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-import modelpatch.resolvers  # noqa: F401  (conf/ uses ${mp.launch_dir:})
+import modelpatch.resolvers  # noqa: F401  (conf/ uses the ${mp.*:} resolvers)
 
 SHIPPED_CONF = Path(__file__).resolve().parent / "conf"  # an installed wheel: conf/ as package data
 SOURCE_CONF = Path(__file__).resolve().parents[2] / "conf"  # a checkout (editable install)
@@ -57,3 +57,8 @@ def compose_run_config(
         cfg.hydra.job.num = 0
     HydraConfig().set_config(cfg)
     return cfg
+
+
+def override_key(override: str) -> str:
+    """The key a Hydra override sets: ``+trainer.devices=2`` -> ``trainer.devices``, ``~logger`` -> ``logger``."""
+    return override.split("=", 1)[0].lstrip("+~")

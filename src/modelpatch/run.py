@@ -19,30 +19,32 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from modelpatch import transfer
-from modelpatch.backbones import PRETRAINED, build_backbone, list_backbones, transform_input_from_hparams
-from modelpatch.checkpoints import (
+from modelpatch.atomic import write_json
+from modelpatch.cluster.jobs import cluster_trainer_kwargs, threads_per_job
+from modelpatch.cluster.ranks import is_launch_rank_zero
+from modelpatch.config import ConfigError
+from modelpatch.data import TaskDataModule, TaskSpec, make_mixing, task_specs
+from modelpatch.data.steps import describe_steps
+from modelpatch.files.patch_files import export_patches, read_patch_file
+from modelpatch.files.patched_model import load_patched_model
+from modelpatch.files.results import RESULTS_FILE, make_results
+from modelpatch.models.backbones import PRETRAINED, check_backbone_name
+from modelpatch.models.patches import parse_kind, resolve_patch
+from modelpatch.training import transfer
+from modelpatch.training.checkpoints import (
     NO_LAST_CHECKPOINT,
-    RESULTS_FILE,
     check_resume,
-    load_tasks_from_checkpoint,
-    make_results,
     read_init_checkpoint,
     resume_path,
-    write_json,
 )
-from modelpatch.compiling import compile_backbone, compile_backend
-from modelpatch.config import ConfigError
-from modelpatch.console import quiet_lightning
-from modelpatch.data import TaskDataModule, TaskSpec, make_mixing, task_specs
-from modelpatch.data.features import cache_features
-from modelpatch.distributed import check_distributed, ddp_strategy, describe_steps
-from modelpatch.launch import cluster_trainer_kwargs, threads_per_job
-from modelpatch.module import OptimConfig, PatchModule, TaskHead, check_optim
-from modelpatch.patches import parse_kind, resolve_patch
-from modelpatch.ranks import is_launch_rank_zero
-from modelpatch.serving import export_patches, load_patched_model, read_patch_file
-from modelpatch.wandb_utils import setup_wandb, summarize_tested
+from modelpatch.training.compiling import compile_backbone, compile_backend
+from modelpatch.training.console import quiet_lightning
+from modelpatch.training.distributed import check_distributed, ddp_strategy
+from modelpatch.training.features import cache_features
+from modelpatch.training.loggers import setup_wandb, summarize_tested
+from modelpatch.training.module import PatchModule, TaskInfo
+from modelpatch.training.optim import OptimConfig, check_optim
+from modelpatch.training.weights import load_backbone
 
 log = logging.getLogger("modelpatch")
 quiet_lightning()
@@ -111,8 +113,7 @@ def check_seed(seed: Any) -> int:
 def check_config(cfg: DictConfig) -> None:
     """Cheap checks of names and values, before any data or weights are read."""
     check_seed(cfg.seed)
-    if cfg.backbone.name not in list_backbones():
-        raise ConfigError(f"unknown backbone {cfg.backbone.name!r}; choose one of: {', '.join(list_backbones())}")
+    check_backbone_name(cfg.backbone.name)
     parse_kind(cfg.patch.kind)
     compile_backend(cfg.get("compile"))
     try:
@@ -135,54 +136,19 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
     check_distributed(cfg)
     specs = task_specs(OmegaConf.to_container(cfg.task, resolve=True), OmegaConf.to_container(cfg.data, resolve=True))
     init = read_init_checkpoint(cfg)
-    kept: list[TaskSpec] = []
-    if init is None and cfg.get("init_patch_from") is not None:
-        raise ConfigError("init_patch_from names where a task added by init_from starts: set init_from too")
-    if init is not None:
-        source = transfer.choose_patch_source(
-            cfg.get("init_patch_from"), init[1], [t["name"] for t in init[1]["tasks"]], init[2]
-        )
-        names = {s.name for s in specs}
-        kept = [TaskSpec(**t["spec"]) for t in init[1]["tasks"] if t["name"] not in names]
-        if kept and cfg.patch.train_shared:
-            raise ConfigError(
-                f"patch.train_shared=true would change the outputs of the loaded tasks "
-                f"({', '.join(s.name for s in kept)}); keep it false to add tasks to a trained model"
-            )
+    source, kept = transfer.plan(cfg, init, specs)
     bb = cfg.backbone
     weights = bb.weights
     if weights is not None and weights not in PRETRAINED:
         weights = hydra.utils.to_absolute_path(str(weights))
-    backbone = build_backbone(bb.name, weights=weights, width=bb.width, mean=bb.mean, std=bb.std)
+    backbone = load_backbone(bb.name, weights=weights, width=bb.width, mean=bb.mean, std=bb.std)
     patch = resolve_patch(backbone, cfg.patch.kind, norm_stats=cfg.patch.norm_stats, model_name=bb.name)
     mixing = make_mixing(cfg.task.get("mixing", "all"), seed=cfg.seed)
-    datamodule = TaskDataModule(
-        specs + kept,
-        root=cfg.data.root,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        train_tasks=[s.name for s in specs],
-        mixing=mixing,
-    )
-    datamodule.setup()
-    heads = []
-    for s in specs + kept:
-        data = datamodule.data[s.name]
-        heads.append(
-            TaskHead(
-                s.name,
-                data.num_classes,
-                data.class_names,
-                s.loss_weight,
-                train_samples=len(data.train.labels),
-                spec=asdict(s),
-            )
-        )
+    datamodule = load_data(cfg, specs + kept, train_tasks=[s.name for s in specs], mixing=mixing)
     model = PatchModule(
         backbone,
         patch,
-        heads,
+        [_task_info(s, datamodule) for s in specs + kept],
         optim=OptimConfig(**OmegaConf.to_container(cfg.optim, resolve=True)),
         mean=bb.mean,
         std=bb.std,
@@ -193,28 +159,47 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
     if init is not None:
-        state, hp, path = init
-        loaded = load_tasks_from_checkpoint(model, state, path)
-        model.model.backbone.weights_source = path
-        model.model.backbone.restore_transform_input(transform_input_from_hparams(hp))
-        new = [t for t in model.task_names if t not in loaded]
-        transfer.start_patches_from(model, new, source)
-        transfer.record(model, hp, path, source, loaded, new)
-        model.freeze_tasks([s.name for s in kept])
-        log.info(
-            f"loaded tasks {', '.join(loaded)} from {path}; frozen: {', '.join(s.name for s in kept) or 'none'}; "
-            f"new task(s) {', '.join(new) or 'none'} start from the patch of {source}"
-        )
+        transfer.load(model, init, source, kept)
+    _cache_features(cfg, datamodule, model)
+    compile_backbone(model, compile_backend(cfg.get("compile")))
+    return datamodule, model
+
+
+def load_data(cfg: DictConfig, specs: list[TaskSpec], **kwargs) -> TaskDataModule:
+    """The tasks' data, loaded, with the ``data.*`` options of ``cfg`` (``kwargs``: more ``TaskDataModule`` ones)."""
+    datamodule = TaskDataModule(
+        specs,
+        root=cfg.data.root,
+        batch_size=cfg.data.batch_size,
+        eval_batch_size=cfg.data.eval_batch_size,
+        num_workers=cfg.data.num_workers,
+        **kwargs,
+    )
+    datamodule.setup()
+    return datamodule
+
+
+def _task_info(spec: TaskSpec, datamodule: TaskDataModule) -> TaskInfo:
+    data = datamodule.data[spec.name]
+    return TaskInfo(
+        spec.name,
+        data.num_classes,
+        data.class_names,
+        spec.loss_weight,
+        train_samples=len(data.train.labels),
+        spec=asdict(spec),
+    )
+
+
+def _cache_features(cfg: DictConfig, datamodule: TaskDataModule, model: PatchModule) -> None:
+    """``data.cache_features``: with a fixed backbone, the heads train on features computed once."""
     cache = cfg.data.get("cache_features", "auto")
     if cache is True or (cache == "auto" and model.model.fixed_backbone and datamodule.cacheable):
         on_gpu = torch.cuda.is_available() and cfg.trainer.get("accelerator") in ("auto", "gpu", "cuda")
-        device = "cuda" if on_gpu else "cpu"
         start = time.time()
-        cache_features(datamodule, model.to(device))
+        cache_features(datamodule, model.to("cuda" if on_gpu else "cpu"))
         model.cpu()
         log.info(f"backbone features cached for every split ({time.time() - start:.1f}s): heads train on them")
-    compile_backbone(model, compile_backend(cfg.get("compile")))
-    return datamodule, model
 
 
 def describe_params(model: PatchModule) -> str:
@@ -248,6 +233,35 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(check_seed(cfg.seed), workers=True)
     datamodule, model = build(cfg)
     log.info(describe_params(model))
+    trainer, loggers = make_trainer(cfg, datamodule, model)
+    if cfg.get("train", True):
+        with warnings.catch_warnings():
+            # frozen normalization layers (norm_stats=frozen, a fixed backbone) are in eval mode on purpose
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            warnings.filterwarnings("ignore", message=NO_LAST_CHECKPOINT)  # a fresh run
+            # the datamodule resumes its sampler mid-epoch (TaskDataModule.state_dict), not the dataloader
+            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
+            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
+    metrics = _floats(trainer.callback_metrics)
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("train", True) and best:
+        # val/* of the model that is tested and exported (the best checkpoint), not of the last epoch
+        trainer.validate(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
+        metrics.update(_floats(trainer.callback_metrics))
+        log.info(f"validation of the tested checkpoint {best}: val/acc {metrics.get('val/acc', float('nan')):.4f}")
+    if cfg.get("test", True):
+        if cfg.get("train", True) and not best:
+            log.warning("no best checkpoint; testing the weights as they are after training")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update(_floats(trainer.callback_metrics))
+    summarize_tested(loggers, metrics)
+    if trainer.is_global_zero:
+        write_outputs(cfg, model, metrics, wall_time_s=time.time() - start, checkpoint=best)
+    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+
+
+def make_trainer(cfg: DictConfig, datamodule: TaskDataModule, model: PatchModule) -> tuple[L.Trainer, list]:
+    """The Trainer of ``cfg.trainer`` with the run's callbacks, loggers and DDP strategy; and the loggers."""
     callbacks = instantiate_dict(cfg.get("callbacks"))
     loggers = instantiate_dict(cfg.get("logger"))
     log.info(
@@ -269,39 +283,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     setup_wandb(loggers, model.task_names)
     if loggers:
         trainer.logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})
+    return trainer, loggers
 
-    if cfg.get("train", True):
-        with warnings.catch_warnings():
-            # frozen normalization layers (norm_stats=frozen, a fixed backbone) are in eval mode on purpose
-            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            warnings.filterwarnings("ignore", message=NO_LAST_CHECKPOINT)  # a fresh run
-            # the datamodule resumes its sampler mid-epoch (TaskDataModule.state_dict), not the dataloader
-            warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
-    metrics = _floats(trainer.callback_metrics)
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.get("train", True) and best:
-        # val/* of the model that is tested and exported (the best checkpoint), not of the last epoch
-        trainer.validate(model, datamodule=datamodule, ckpt_path=best, weights_only=True, verbose=False)
-        metrics.update(_floats(trainer.callback_metrics))
-        log.info(f"validation of the tested checkpoint {best}: val/acc {metrics.get('val/acc', float('nan')):.4f}")
-    if cfg.get("test", True):
-        if cfg.get("train", True) and not best:
-            log.warning("no best checkpoint; testing the weights as they are after training")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update(_floats(trainer.callback_metrics))
-    summarize_tested(loggers, metrics)
-
-    if trainer.is_global_zero:
-        files = {}
-        if cfg.get("export_patches", True):
-            files = export_patches(model, Path(cfg.paths.output_dir) / "patches", metrics)
-            log.info(f"patch files: {', '.join(str(p) for p in files.values())}")
-        results = make_results(cfg, model, metrics, wall_time_s=time.time() - start, checkpoint=best)
-        results["patch_files"] = {k: str(v) for k, v in files.items()}
-        write_json(Path(cfg.paths.output_dir) / RESULTS_FILE, results)
-    return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
+def write_outputs(cfg: DictConfig, model: PatchModule, metrics: dict[str, float], **results_kwargs) -> None:
+    """The patch files (``export_patches``) and ``results.json`` of a run, in its output dir."""
+    files = {}
+    if cfg.get("export_patches", True):
+        files = export_patches(model, Path(cfg.paths.output_dir) / "patches", metrics)
+        log.info(f"patch files: {', '.join(str(p) for p in files.values())}")
+    results = make_results(cfg, model, metrics, **results_kwargs)
+    results["patch_files"] = {k: str(v) for k, v in files.items()}
+    write_json(Path(cfg.paths.output_dir) / RESULTS_FILE, results)
 
 
 def checkpointing_kwargs(trainer_cfg: DictConfig, callbacks: list) -> dict[str, bool]:
@@ -347,15 +340,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     data_options = OmegaConf.to_container(cfg.data, resolve=True)
     catalog = {t: h.spec for t, h in model.tasks.items()}
     specs = task_specs({"tasks": model.task_names, "catalog": catalog}, data_options)
-    datamodule = TaskDataModule(
-        specs,
-        root=cfg.data.root,
-        batch_size=cfg.data.batch_size,
-        eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers,
-        train_tasks=[],
-    )
-    datamodule.setup()
+    datamodule = load_data(cfg, specs, train_tasks=[])
     log.info(describe_params(model))
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, logger=False, callbacks=[])
     trainer.test(model, datamodule=datamodule)
@@ -370,9 +355,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             }
             for pf, meta in recorded.items()
         },
-        "backbone": model.model.backbone.name,
+        "backbone": model.backbone.name,
         "patch": model.patch.kind,
-        "base": model.model.backbone.weights_source,
+        "base": model.backbone.weights_source,
     }
     write_json(Path(cfg.paths.output_dir) / "eval_results.json", results)
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}

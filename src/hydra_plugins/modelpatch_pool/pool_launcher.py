@@ -1,5 +1,5 @@
 """Hydra launcher ``modelpatch_pool``: each job of a multirun in its own process, at most ``jobs_per_gpu``
-per GPU at once (``modelpatch.pool``). Hydra finds it here, in the ``hydra_plugins`` namespace.
+per GPU at once (``modelpatch.cluster.pool``). Hydra finds it here, in the ``hydra_plugins`` namespace.
 
 No ``from __future__ import annotations``: Hydra loads this module without registering it in
 ``sys.modules``, where dataclasses would look the string annotations up."""
@@ -59,7 +59,8 @@ class PoolLauncher(Launcher):
         from hydra.core.hydra_config import HydraConfig
         from hydra.core.singleton import Singleton
 
-        from modelpatch import pool
+        from modelpatch.cluster import pool
+        from modelpatch.cluster.jobs import threads_per_job
 
         assert self.config is not None and self.hydra_context is not None
         setup_globals()
@@ -67,7 +68,7 @@ class PoolLauncher(Launcher):
             places = pool.pool_places(self.params["gpus"], self.params["jobs_per_gpu"], self.params["cpu_jobs"])
         except pool.PoolConfigError as err:  # the message alone (status 1), before any job starts
             raise SystemExit(f"hydra/launcher=pool: {err}") from err
-        threads = pool.threads_per_job(places, len(job_overrides), self.params.get("threads_per_job"))
+        threads = threads_per_job(self.params.get("threads_per_job"), min(sum(places.values()), len(job_overrides)))
         folder = Path(str(self.params["pool_folder"]))
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info(
@@ -92,7 +93,7 @@ class PoolLauncher(Launcher):
             argv = [
                 sys.executable,
                 "-m",
-                "modelpatch.pool",
+                "hydra_plugins.modelpatch_pool.job",
                 str(job_folder / "job.pkl"),
                 str(job_folder / "result.pkl"),
             ]

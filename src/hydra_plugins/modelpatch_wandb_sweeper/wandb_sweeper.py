@@ -1,6 +1,6 @@
 """``hydra/sweeper=wandb``: a W&B sweep file's runs, suggested by W&B's open-source engine (grid, random,
 bayes) and launched by whichever Hydra launcher the multirun uses; the state is the sweep folder
-(:mod:`modelpatch.sweep_folder`), so a sweep can be continued by running the same command again."""
+(:mod:`modelpatch.sweeps.folder`), so a sweep can be continued by running the same command again."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ class WandbSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> list[int]:
-        from modelpatch.sweep import SweepError, all_groups
-        from modelpatch.sweep_folder import drive, init_sweep, load_sweep_file
+        from modelpatch.sweeps.folder import drive, init_sweep, load_sweep_file
+        from modelpatch.sweeps.overrides import SweepError, all_groups
 
         subdir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)["subdir"]
         if subdir != "${hydra.job.num}":

@@ -1,6 +1,6 @@
 """Tasks and their data: specs and the catalog (``specs``), in-memory datasets (``embedded``), datasets
-streamed from disk (``disk``), the LightningDataModule (``datamodule``), task mixing (``mixing``) and
-cached backbone features (``features``)."""
+streamed from disk (``disk``), the LightningDataModule (``datamodule``), task mixing (``mixing``) and the
+training loader (``steps``). Nothing here knows of the model."""
 
 from modelpatch.data.datamodule import TaskDataModule, load_task
 from modelpatch.data.mixing import MIXING, Mixing, make_mixing

@@ -68,7 +68,7 @@ class TaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.mixing = mixing or AllTasks()
         self.data: dict[str, TaskData] = {}
-        self.features_cached = False  # set by data.features.cache_features
+        self.features_cached = False  # set by training.features.cache_features
         self._sampler: StepSampler | None = None
         self._resume: dict[str, int] | None = None  # from a checkpoint, for the next train_dataloader()
 

@@ -19,32 +19,15 @@ import torchvision
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from modelpatch.data.specs import DatasetMissingError, TaskData, TaskError, TaskSpec, check_classes, split_indices
-
-
-class StreamSplit(Dataset):
-    """A split read from disk: item ``i`` is ``(transform(image), labels[i])`` where the image is
-    ``source[indices[i]]`` (a torchvision dataset without transforms, giving PIL images).
-
-    ``labels`` are the task's labels (class subset relabelled ``0..k-1``), known without decoding
-    any image.
-    """
-
-    def __init__(self, source: Dataset, indices: torch.Tensor, labels: torch.Tensor, transform: Callable):
-        if len(indices) != len(labels):
-            raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
-        self.source = source
-        self.indices = indices
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, _ = self.source[int(self.indices[i])]
-        return self.transform(image), int(self.labels[i])
-
+from modelpatch.data.specs import (
+    DatasetMissingError,
+    StreamSplit,
+    TaskData,
+    TaskError,
+    TaskSpec,
+    check_classes,
+    split_indices,
+)
 
 # --- readers: (root, spec) -> {split: ImageSource} ---
 

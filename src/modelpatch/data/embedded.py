@@ -9,7 +9,6 @@ The model converts to float and normalizes (``PatchModule.forward``), so served 
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import Dataset
 
+from modelpatch.atomic import atomic_write
 from modelpatch.data.specs import DatasetMissingError, Split, TaskData, TaskSpec, check_classes, split_indices
 
 FASHION_MNIST_FILES = (
@@ -57,11 +57,14 @@ def read_fashion_mnist(root: Path, train: bool, options: dict):
 
 
 def _copy_maybe_gunzip(source: Path, target: Path) -> None:
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.part")  # concurrent jobs may extract too
+    """Copy (and gunzip) ``source`` to ``target`` atomically: concurrent jobs may extract it too."""
     opener = gzip.open if source.suffix == ".gz" else open
-    with opener(source, "rb") as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    tmp.replace(target)
+
+    def write(tmp: Path) -> None:
+        with opener(source, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+
+    atomic_write(target, write)
 
 
 def read_digits(root: Path, train: bool, options: dict):

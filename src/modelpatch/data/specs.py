@@ -1,17 +1,14 @@
 """Task specs: what a task is (dataset, classes, input size, split recipe), the catalog of a mix, and
-the splits every loader returns (``TaskData``)."""
+the splits every loader returns (``TaskData``: in memory, ``Split``, or streamed from disk, ``StreamSplit``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-
-if TYPE_CHECKING:
-    from modelpatch.data.disk import StreamSplit
+from torch.utils.data import Dataset
 
 
 class DatasetMissingError(FileNotFoundError):
@@ -26,6 +23,30 @@ class TaskError(ValueError):
 class Split:
     images: torch.Tensor  # uint8 [N, C, H, W]
     labels: torch.Tensor  # int64 [N]
+
+
+class StreamSplit(Dataset):
+    """A split read from disk: item ``i`` is ``(transform(image), labels[i])`` where the image is
+    ``source[indices[i]]`` (a torchvision dataset without transforms, giving PIL images).
+
+    ``labels`` are the task's labels (class subset relabelled ``0..k-1``), known without decoding
+    any image.
+    """
+
+    def __init__(self, source: Dataset, indices: torch.Tensor, labels: torch.Tensor, transform: Callable):
+        if len(indices) != len(labels):
+            raise ValueError(f"{len(indices)} indices but {len(labels)} labels")
+        self.source = source
+        self.indices = indices
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, _ = self.source[int(self.indices[i])]
+        return self.transform(image), int(self.labels[i])
 
 
 @dataclass

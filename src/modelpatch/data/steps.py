@@ -1,5 +1,6 @@
 """The training loader: per step, this rank's batch of each task the step trains (``{task: (images,
-labels)}``), and nothing else; which tasks, and what an epoch is, the mixing mode says (``data.mixing``).
+labels)}``), and nothing else; which tasks, and what an epoch is, the mixing mode says (``data.mixing``);
+``describe_steps``, the line every run prints about them.
 
 ``StepSampler`` yields each step's indices (``{task: [i, ...]}``) and ``StepDataset`` loads them. A run
 resumed mid-epoch continues the same (seeded) order: a checkpoint records the epoch and the steps done
@@ -118,3 +119,15 @@ def _load(dataset: Dataset, indices: Sequence[int]):
     if hasattr(dataset, "__getitems__"):
         return dataset.__getitems__(list(indices))
     return default_collate([dataset[i] for i in indices])
+
+
+def describe_steps(sizes: Mapping[str, int], mixing: Mixing, batch_size: int, world_size: int) -> str:
+    """The line every run prints: ranks, global batch per task and step, steps per epoch."""
+    sampler = StepSampler(sizes, mixing, batch_size, num_replicas=world_size, rank=0)
+    globals_ = {t: batch_size * len(sampler.groups[t]) for t in sizes}
+    per_task = ", ".join(f"{t} {b}" for t, b in globals_.items())
+    batch = str(next(iter(globals_.values()))) if len(set(globals_.values())) == 1 else f"({per_task})"
+    return (
+        f"data: {world_size} rank(s) x batch {batch_size} per task and step = global batch {batch}; "
+        f"{len(sampler)} steps per epoch (task.mixing={mixing.name}; docs/clusters.md: scaling the learning rate)"
+    )

@@ -1,43 +1,31 @@
-"""Run records: where a run's checkpoint keeps what (``CKPT_*``), reading a backbone or tasks out of a
-checkpoint, resuming, ``init_from``, and ``results.json`` (``RESULTS_FILE``, ``make_results``), which
-run.py writes and report.py reads.
-
-torch and the backbones are imported where they are used: report.py imports this module and stays light.
-"""
+"""Checkpoints: reading a backbone or tasks out of a run's checkpoint, resuming, and ``init_from``.
+Where a checkpoint keeps what: ``training.state_keys``."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hydra.core.hydra_config import HydraConfig
+import torch
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from modelpatch.config import ConfigError
+from modelpatch.models.backbones import PRETRAINED, BackboneError
+from modelpatch.models.state_dicts import compare_keys
+from modelpatch.training.state_keys import CKPT_BACKBONE, CKPT_PATCHES, patch_tasks, split_patch_key
 
 if TYPE_CHECKING:
-    import torch
-
-    from modelpatch.module import PatchModule
-
-RESULTS_FILE = "results.json"
-
-# Where PatchModule keeps the shared backbone and the per-task patches in its state dict.
-CKPT_BACKBONE = "model.backbone."
-CKPT_PATCHES = "model.patches."
+    from modelpatch.training.module import PatchModule
 
 
 def backbone_state_from_checkpoint(ckpt: Mapping, path: os.PathLike | str) -> dict[str, torch.Tensor]:
     """The backbone a one-task checkpoint of this platform learned: shared weights with the
     task's patch applied (a multi-task checkpoint is ambiguous and refused)."""
-    from modelpatch.backbones import BackboneError  # backbones reads checkpoints through this module
-
     state = ckpt["state_dict"]
-    tasks = sorted({k.removeprefix(CKPT_PATCHES).split(".")[0] for k in state if k.startswith(CKPT_PATCHES)})
+    tasks = patch_tasks(state)
     if len(tasks) > 1:
         raise BackboneError(
             f"{path} is a multi-task checkpoint (tasks: {', '.join(tasks)}); export one task's "
@@ -46,12 +34,19 @@ def backbone_state_from_checkpoint(ckpt: Mapping, path: os.PathLike | str) -> di
     if not tasks and not any(k.startswith(CKPT_BACKBONE) for k in state):
         raise BackboneError(f"{path} is a Lightning checkpoint, but not one made by modelpatch")
     out = {k.removeprefix(CKPT_BACKBONE): v for k, v in state.items() if k.startswith(CKPT_BACKBONE)}
-    for key, value in state.items():
-        if key.startswith(CKPT_PATCHES):
-            # <prefix><task>.<mangled name>, mangled = backbone name with "." -> "__"
-            name = key.removeprefix(CKPT_PATCHES).split(".", 1)[1].replace("__", ".")
-            out[name] = value
+    out.update({split_patch_key(k)[1]: v for k, v in state.items() if k.startswith(CKPT_PATCHES)})
     return out
+
+
+def transform_input_from_hparams(hp: Mapping) -> bool | None:
+    """The ``transform_input`` a modelpatch checkpoint's hyper-parameters record (older checkpoints:
+    on when the run started from torchvision's weights)."""
+    backbone = hp.get("backbone", {})
+    if backbone.get("transform_input") is not None:
+        return bool(backbone["transform_input"])
+    if backbone.get("name") != "inception_v3":
+        return None
+    return hp.get("meta", {}).get("config", {}).get("backbone", {}).get("weights") in PRETRAINED
 
 
 class CheckpointMismatchError(ValueError):
@@ -67,30 +62,14 @@ def load_tasks_from_checkpoint(model: PatchModule, state: Mapping[str, torch.Ten
     Returns:
         The names of the tasks that were loaded.
     """
-    expected = model.state_dict()
-    loaded_tasks = sorted(
-        {k.removeprefix(CKPT_PATCHES).split(".")[0] for k in state if k.startswith(CKPT_PATCHES)}
-        | {k.split(".")[1] for k in state if k.startswith("heads.")}
-    )
+    loaded_tasks = sorted(set(patch_tasks(state)) | {k.split(".")[1] for k in state if k.startswith("heads.")})
     new_tasks = [t for t in model.task_names if t not in loaded_tasks]
     fresh = tuple(f"{CKPT_PATCHES}{t}." for t in new_tasks) + tuple(f"heads.{t}." for t in new_tasks)
-    missing = sorted(k for k in expected if k not in state and not k.startswith(fresh))
-    unexpected = sorted(k for k in state if k not in expected)
-    wrong = sorted(
-        f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong:
-        parts = [
-            f"{label}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
-            if keys
-        ]
+    mismatch = compare_keys(model.state_dict(), state, optional=fresh)
+    if mismatch:
         raise CheckpointMismatchError(
-            f"{path} does not fit this model (tasks in checkpoint: {', '.join(loaded_tasks)}); "
-            + "; ".join(parts)
-            + ". Check backbone, patch and each task's classes against the run that made it."
+            f"{path} does not fit this model (tasks in checkpoint: {', '.join(loaded_tasks)}); {mismatch.describe()}. "
+            "Check backbone, patch and each task's classes against the run that made it."
         )
     model.load_state_dict(dict(state), strict=False)
     return loaded_tasks
@@ -141,8 +120,6 @@ def check_resume(cfg: DictConfig) -> None:
     path = resume_file(cfg)
     if path is None or not path.is_file():
         return
-    import torch
-
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         saved = ckpt["hyper_parameters"]["meta"]["config"]
@@ -151,8 +128,6 @@ def check_resume(cfg: DictConfig) -> None:
             f"cannot resume from {path}: not a modelpatch checkpoint ({type(err).__name__}); "
             "delete it or run with resume=false to start fresh"
         ) from err
-    from omegaconf import OmegaConf
-
     now = OmegaConf.to_container(cfg, resolve=True)
     diffs = []
     for key in RESUME_KEYS:
@@ -193,8 +168,6 @@ def read_init_checkpoint(cfg: DictConfig) -> tuple[dict, dict, str] | None:
         raise ConfigError("set either init_from (a whole multi-task model) or backbone.weights, not both")
     if not Path(path).is_file():
         raise ConfigError(f"init_from checkpoint {path} does not exist")
-    import torch
-
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     hp = ckpt.get("hyper_parameters", {})
     if "tasks" not in hp or "state_dict" not in ckpt:
@@ -215,64 +188,3 @@ def read_init_checkpoint(cfg: DictConfig) -> tuple[dict, dict, str] | None:
     if diffs:
         raise ConfigError(f"init_from {path} does not match this run: {'; '.join(diffs)}")
     return ckpt["state_dict"], hp, path
-
-
-def make_results(
-    cfg: DictConfig, model: PatchModule, metrics: dict[str, float], *, wall_time_s: float, checkpoint: str = ""
-) -> dict:
-    """The ``results.json`` object (see docs/architecture.md for the contract)."""
-    from modelpatch.serving import patch_bytes
-
-    counts = model.parameter_counts()
-    tasks = {}
-    for name, head in model.tasks.items():
-        tasks[name] = {
-            "test_acc": metrics.get(f"test/{name}/acc"),
-            "val_acc": metrics.get(f"val/{name}/acc"),
-            "num_classes": head.num_classes,
-            "params_patch": counts[f"{name}/patch"],
-            "params_head": counts[f"{name}/head"],
-            "patch_bytes": patch_bytes(model, name),
-            "train_size": head.spec.get("train_size"),
-            "train_samples": head.train_samples,
-            "frozen": name in model.frozen_tasks,
-        }
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:
-        overrides = []
-    backbone = model.model.backbone
-    return {
-        "backbone": {
-            "name": backbone.name,
-            "width": backbone.width_mult,
-            "features": backbone.width,
-            "weights": backbone.weights_source,
-        },
-        "patch": model.patch.kind,
-        "norm_stats": model.patch.norm_stats,
-        "train_shared": model.model.train_shared,
-        "tasks": tasks,
-        "params": {
-            **{k: counts[k] for k in ("total", "trainable", "shared", "backbone", "separate_models")},
-            "ratio_vs_separate": round(counts["total"] / counts["separate_models"], 4),
-        },
-        "init_from": model.hparams.get("init_from"),
-        "mixing": model.mixing.name,
-        "test_acc": metrics.get("test/acc"),
-        "val_acc": metrics.get("val/acc"),
-        "seed": cfg.seed,
-        "epochs": cfg.trainer.get("max_epochs"),
-        "wall_time_s": round(wall_time_s, 2),
-        "overrides": overrides,
-        "checkpoint": checkpoint,
-        "output_dir": str(cfg.paths.output_dir),
-    }
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Write atomically: a crash leaves the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)

@@ -13,15 +13,21 @@ scale 1, running variance 1, random depthwise kernels).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
+from omegaconf import DictConfig
 
 from modelpatch.config import ConfigError
+from modelpatch.data.specs import TaskSpec
+from modelpatch.training.checkpoints import load_tasks_from_checkpoint, transform_input_from_hparams
 
 if TYPE_CHECKING:
-    from modelpatch.module import PatchModule
+    from modelpatch.training.module import PatchModule
+
+log = logging.getLogger("modelpatch")
 
 BASE = "base"
 
@@ -66,12 +72,12 @@ def choose_patch_source(requested: str | None, hp: Mapping, loaded: Sequence[str
 def start_patches_from(model: PatchModule, tasks: Sequence[str], source: str) -> None:
     """Copy ``source``'s patched tensors (parameters and owned statistics) into each of ``tasks``."""
     if source == BASE:
-        base = model.model.backbone
+        base = model.backbone
         values = {**dict(base.named_parameters()), **dict(base.named_buffers())}
     else:
-        values = model.model.patches[source].tensors()
+        values = model.patches[source].tensors()
     for task in tasks:
-        for name, tensor in model.model.patches[task].tensors().items():
+        for name, tensor in model.patches[task].tensors().items():
             tensor.copy_(values[name])
 
 
@@ -88,3 +94,38 @@ def record(model: PatchModule, hp: Mapping, path: str, source: str, loaded: Sequ
     }
     model.hparams["init_from"] = info
     return info
+
+
+def plan(cfg: DictConfig, init: tuple | None, specs: list[TaskSpec]) -> tuple[str | None, list[TaskSpec]]:
+    """Where the new tasks' patches start, and the tasks of the ``init_from`` checkpoint (``init``: state dict,
+    hyper-parameters, path; ``read_init_checkpoint``) that this run keeps frozen."""
+    if init is None:
+        if cfg.get("init_patch_from") is not None:
+            raise ConfigError("init_patch_from names where a task added by init_from starts: set init_from too")
+        return None, []
+    _, hp, path = init
+    source = choose_patch_source(cfg.get("init_patch_from"), hp, [t["name"] for t in hp["tasks"]], path)
+    names = {s.name for s in specs}
+    kept = [TaskSpec(**t["spec"]) for t in hp["tasks"] if t["name"] not in names]
+    if kept and cfg.patch.train_shared:
+        raise ConfigError(
+            f"patch.train_shared=true would change the outputs of the loaded tasks "
+            f"({', '.join(s.name for s in kept)}); keep it false to add tasks to a trained model"
+        )
+    return source, kept
+
+
+def load(model: PatchModule, init: tuple, source: str, kept: list[TaskSpec]) -> None:
+    """Load the ``init_from`` checkpoint into ``model``, start the new tasks' patches, freeze the kept tasks."""
+    state, hp, path = init
+    loaded = load_tasks_from_checkpoint(model, state, path)
+    model.backbone.weights_source = path
+    model.backbone.restore_transform_input(transform_input_from_hparams(hp))
+    new = [t for t in model.task_names if t not in loaded]
+    start_patches_from(model, new, source)
+    record(model, hp, path, source, loaded, new)
+    model.freeze_tasks([s.name for s in kept])
+    log.info(
+        f"loaded tasks {', '.join(loaded)} from {path}; frozen: {', '.join(s.name for s in kept) or 'none'}; "
+        f"new task(s) {', '.join(new) or 'none'} start from the patch of {source}"
+    )

@@ -7,17 +7,15 @@ torchrun sets ``RANK``, and Lightning's own environment (several nodes started b
 on one node) sets ``NODE_RANK`` and ``LOCAL_RANK``. Lightning's ``rank_zero_only`` reads ``LOCAL_RANK`` alone
 before that, so it takes the first process of every node for rank zero.
 
-Resolvers (registered on import; ``launch`` imports this module), used by ``conf/hydra/default.yaml``:
-``${mp.rank_zero_only:<value>}`` (the value on rank zero, else ``null``: ``hydra.output_subdir``) and
-``${mp.rank_suffix:}`` (``""`` on rank zero, else ``.rank<r>``: the other ranks' log files).
+``conf/hydra/default.yaml`` uses two of these as resolvers (``modelpatch.resolvers``): ``${mp.rank_zero_only:<value>}``
+(the value on rank zero, else ``null``: ``hydra.output_subdir``) and ``${mp.rank_suffix:}`` (``""`` on rank zero, else
+``.rank<r>``: the other ranks' log files).
 """
 
 from __future__ import annotations
 
 import os
 from typing import Any
-
-from omegaconf import OmegaConf
 
 
 def launch_rank() -> str:
@@ -45,8 +43,3 @@ def rank_zero_value(value: Any) -> Any:
 def rank_suffix() -> str:
     """``""`` on global rank zero, ``.rank<r>`` on the others."""
     return "" if is_launch_rank_zero() else f".rank{launch_rank()}"
-
-
-for _name, _fn in {"mp.rank_zero_only": rank_zero_value, "mp.rank_suffix": rank_suffix}.items():
-    if not OmegaConf.has_resolver(_name):
-        OmegaConf.register_new_resolver(_name, _fn)

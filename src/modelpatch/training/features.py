@@ -9,7 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from modelpatch.data.datamodule import TaskDataModule
-    from modelpatch.module import PatchModule
+    from modelpatch.training.module import PatchModule
 
 
 @torch.no_grad()
@@ -35,6 +35,6 @@ def cache_features(datamodule: TaskDataModule, model: PatchModule, batch_size: i
                 model.features(split.images[i : i + batch_size].to(model.device), name).cpu()
                 for i in range(0, len(split.labels), batch_size)
             ]
-            split.images = torch.cat(chunks) if chunks else torch.empty(0, model.model.backbone.width)
+            split.images = torch.cat(chunks) if chunks else torch.empty(0, model.backbone.num_features)
     model.train(was_training)
     datamodule.features_cached = True

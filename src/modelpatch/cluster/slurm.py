@@ -1,8 +1,9 @@
 """What a run's SLURM job asks for: the trainer's nodes and devices, GPUs only where the partition has them, CPUs
 for its data loaders, and enough requeues for the run's expected hours.
 
-Resolvers for ``conf/hydra/launcher/slurm.yaml``, registered when this module is imported (``launch`` does):
+The resolvers ``conf/hydra/launcher/slurm.yaml`` uses (registered by ``modelpatch.resolvers``):
 
+- ``${mp.devices:${trainer.devices}}``: ``--ntasks-per-node``, one task per device.
 - ``${mp.slurm_nodes:${trainer.num_nodes},<strategy>}``: ``--nodes``; more than one needs a strategy Lightning
   runs across nodes (DDP, FSDP, DeepSpeed or ``auto``, which picks DDP), else an error before submitting.
 - ``${mp.slurm_gpus:${trainer.accelerator},${trainer.devices},${hydra.launcher.partition}}``: ``--gpus-per-node``.
@@ -13,10 +14,7 @@ Resolvers for ``conf/hydra/launcher/slurm.yaml``, registered when this module is
 - ``${mp.requeues:${wall_hours},${.timeout_min}}``: time-outs submitit requeues, so that
   ``timeout_min x (requeues + 1)`` covers ``wall_hours`` with one attempt to spare (at least 3).
 
-:class:`CheckSlurmShape` (``hydra.callbacks``) stops a SLURM multirun before anything is submitted when the job's
-shape and the trainer's disagree: ``hydra.launcher.nodes``/``tasks_per_node`` set by hand to other values than
-``trainer.num_nodes``/``trainer.devices`` (Lightning's SLURM environment needs them equal), or one of those swept
-(one array job has one shape).
+``modelpatch.cluster.callbacks.CheckSlurmShape`` checks a SLURM multirun's shape against these before submitting.
 """
 
 from __future__ import annotations
@@ -28,9 +26,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 log = logging.getLogger("modelpatch")
 
@@ -39,6 +35,28 @@ DEFAULT_REQUEUES = 3
 
 class SlurmResourceError(ValueError):
     """The run asks SLURM for something the cluster does not offer."""
+
+
+def device_count(devices: Any) -> int:
+    """``trainer.devices`` as a number of processes per node: an int, a list of ids, or ``"0,1"``."""
+    if isinstance(devices, list | tuple | ListConfig):
+        return len(devices)
+    text = str(devices).strip()
+    if "," in text:
+        return len([d for d in text.split(",") if d.strip()])
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise ValueError(
+        f"trainer.devices={devices!r} cannot be turned into SLURM tasks per node: set it to a number of devices "
+        f"(trainer.devices=2) or a list of ids (trainer.devices=[0,1]) when launching on SLURM"
+    )
+
+
+def gpus_per_node(accelerator: Any, devices: Any) -> int | None:
+    """GPUs to request per node: none for ``trainer.accelerator=cpu``, else one per device."""
+    if str(accelerator) == "cpu":
+        return None
+    return device_count(devices)
 
 
 def gres_gpus(gres: str) -> int:
@@ -80,8 +98,6 @@ def partition_gpus(partition: str | None) -> int | None:
 
 def slurm_gpus(accelerator: Any, devices: Any, partition: Any) -> int | None:
     """``--gpus-per-node`` for a run: see the module's docstring."""
-    from modelpatch.launch import device_count
-
     accelerator = str(accelerator)
     if accelerator == "cpu":
         return None
@@ -146,67 +162,3 @@ def requeues(wall_hours: Any, timeout_min: Any) -> int:
     if wall_hours in (None, "None", "null"):
         return DEFAULT_REQUEUES
     return max(DEFAULT_REQUEUES, math.ceil(60 * float(wall_hours) / float(timeout_min)))
-
-
-SHAPE = {"nodes": "trainer.num_nodes", "tasks_per_node": "trainer.devices"}
-
-
-def slurm_shape_problems(config: DictConfig) -> list[str]:
-    """What is wrong with a SLURM multirun's shape (empty: nothing); see :class:`CheckSlurmShape`."""
-    from modelpatch.launch import device_count
-
-    launcher, trainer = config.hydra.launcher, config.trainer
-    task_overrides = OmegaConf.to_container(config.hydra.overrides, resolve=False)["task"]
-    problems = [
-        f"{o.input_line}: one SLURM array job has one shape (nodes, tasks per node); run one multirun per value"
-        for o in OverridesParser.create().parse_overrides(overrides=task_overrides)
-        if o.key_or_group in SHAPE.values() and o.is_sweep_override()
-    ]
-    try:
-        wanted = {
-            "nodes": slurm_nodes(trainer.get("num_nodes", 1), trainer.get("strategy")),
-            "tasks_per_node": device_count(trainer.devices),
-        }
-        asked = {key: launcher.get(key) for key in SHAPE}
-    except Exception as err:  # a resolver's error (wrapped by OmegaConf) names the bad value
-        return [*problems, str(getattr(err, "__cause__", None) or err)]
-    for key, source in SHAPE.items():
-        if asked[key] != wanted[key]:
-            problems.append(
-                f"hydra.launcher.{key}={asked[key]} but {source} asks for {wanted[key]}: Lightning needs one task per "
-                f"device on each of trainer.num_nodes nodes; drop hydra.launcher.{key} (it follows {source}) or set "
-                f"{source}={asked[key]}"
-            )
-    return problems
-
-
-class SlurmShapeError(SystemExit):
-    """A SLURM multirun whose job shape does not fit the trainer. A ``SystemExit`` (status 1, the message on
-    stderr) because Hydra turns any ``Exception`` a callback raises into a warning."""
-
-
-class CheckSlurmShape(Callback):
-    """``hydra.callbacks``: before a ``hydra/launcher=slurm`` multirun submits anything, check that each job asks
-    for ``trainer.num_nodes`` nodes with ``trainer.devices`` tasks on each (:func:`slurm_shape_problems`)."""
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not str(config.hydra.launcher.get("_target_", "")).endswith("SlurmLauncher"):
-            return
-        problems = slurm_shape_problems(config)
-        if problems:
-            raise SlurmShapeError("Error: the SLURM job does not fit the trainer: " + "; ".join(problems))
-
-
-def _register_resolvers() -> None:
-    resolvers = {
-        "mp.slurm_nodes": slurm_nodes,
-        "mp.slurm_gpus": slurm_gpus,
-        "mp.cpus_per_task": cpus_per_task,
-        "mp.requeues": requeues,
-    }
-    for name, fn in resolvers.items():
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-
-
-_register_resolvers()

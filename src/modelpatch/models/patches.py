@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from modelpatch.memory import use_memory_savers
+from modelpatch.models.memory import use_memory_savers
 
 NORM_LAYERS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
 NORM_STATS = ("task", "frozen")
@@ -230,7 +230,7 @@ class PatchedBackbone(nn.Module):
         return functional_call(self.backbone, self.patches[task].tensors(), (x,), strict=False)
 
     def _apply(self, fn, recurse: bool = True):
-        # .to(), .half(), ... make new buffers: the mixed-batch twin (mixed.py) must see them
+        # .to(), .half(), ... make new buffers: the mixed-batch twin (multitask_forward.py) must see them
         self.__dict__.pop("_twin", None)
         return super()._apply(fn, recurse)
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from modelpatch.config import override_key
+
 TASK_KEYS = ("task", "task.name", "task.tasks")  # overrides that only say which task a run trained
 
 
 def _recipe(overrides: str) -> str:
-    return " ".join(o for o in overrides.split() if o.split("=", 1)[0].lstrip("+~") not in TASK_KEYS)
+    return " ".join(o for o in overrides.split() if override_key(o) not in TASK_KEYS)
 
 
 def _entry(tasks: tuple[str, ...], label: str, kind: str, params: int, by_task: dict[str, dict]) -> dict:

@@ -7,9 +7,9 @@ the cores (``OMP_NUM_THREADS``), starts the next queued job as soon as one ends,
 job's outcome: a failed job does not stop the others. Ctrl-C (or SIGTERM) stops every child (its
 whole process group, DataLoader workers included) and re-raises. There is no time limit.
 
-A child runs ``python -m modelpatch.pool <job file>``: the file is written by the launcher for this
-one job (cloudpickle of the Hydra context, the task function and the job's config, as submitit does)
-and read back by the child it starts; nothing else is unpickled.
+A child runs :func:`run_job_file` (``python -m hydra_plugins.modelpatch_pool.job <job file> <result file>``): the
+file is written by the launcher for this one job (cloudpickle of the Hydra context, the task function and the
+job's config, as submitit does) and read back by the child it starts; nothing else is unpickled.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from modelpatch.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -115,18 +117,6 @@ def pool_places(gpus: str | Sequence[int | str] | None, jobs_per_gpu: int, cpu_j
     return dict.fromkeys(ids, jobs_per_gpu)
 
 
-def cores() -> int:
-    affinity = getattr(os, "sched_getaffinity", None)  # Linux: the cores this process may use
-    return len(affinity(0)) if affinity else os.cpu_count() or 1
-
-
-def threads_per_job(places: dict[str, int], jobs: int, threads: int | None = None) -> int:
-    """Compute threads of each job: ``threads`` when set, else the cores shared among the jobs that run at once."""
-    if threads:
-        return int(threads)
-    return max(1, cores() // max(1, min(sum(places.values()), jobs)))
-
-
 def _device_label(device: str) -> str:
     return f"GPU {device}" if device != CPU else "CPU"
 
@@ -213,7 +203,7 @@ def summary(outcomes: Sequence[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def _child(job_file: str, result_file: str) -> int:
+def run_job_file(job_file: str, result_file: str) -> int:
     """Run one Hydra job from the file the launcher wrote; write its ``JobReturn``; exit 0 if it completed."""
     payload = pickle.loads(Path(job_file).read_bytes())  # written by this job's launcher, for this process
     for entry in reversed(payload["sys_path"]):
@@ -240,11 +230,5 @@ def _child(job_file: str, result_file: str) -> int:
     except Exception:  # an exception or return value that does not pickle: keep its text
         ret._return_value = RuntimeError(repr(ret._return_value))
         data = cloudpickle.dumps(ret)
-    tmp = Path(result_file).with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(result_file)
+    atomic_write(result_file, lambda tmp: tmp.write_bytes(data))
     return 0 if ret.status == JobStatus.COMPLETED else 1
-
-
-if __name__ == "__main__":
-    sys.exit(_child(*sys.argv[1:3]))

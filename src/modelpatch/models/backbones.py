@@ -1,14 +1,13 @@
-"""Backbones: torchvision classifiers turned into feature extractors ``x -> [N, width]``.
+"""Backbones: torchvision classifiers turned into feature extractors ``x -> [N, num_features]``.
 
-A backbone knows nothing of patches or tasks. Its weights are a value: ``None`` (random init),
-``"imagenet"`` (torchvision's weights, read from the torch hub cache) or a path to a checkpoint
-made by this platform or a plain state dict.
+A backbone knows nothing of patches, tasks or files. Its weights are a value: ``None`` (random init),
+``"imagenet"`` / ``"coco"`` (torchvision's weights, read from the torch hub cache) or a state dict (reading one
+from a file is ``training.weights``' job).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,14 +15,13 @@ from pathlib import Path
 
 import torch
 import torchvision
-from safetensors import safe_open
-from safetensors.torch import load_file as load_safetensors
 from torch import nn
 
-from modelpatch.checkpoints import backbone_state_from_checkpoint
+from modelpatch.config import ConfigError
+from modelpatch.models.state_dicts import compare_keys, hash_tensors
 
 
-class BackboneError(ValueError):
+class BackboneError(ConfigError):
     """A backbone or its weights cannot be built as configured."""
 
 
@@ -67,22 +65,20 @@ class Backbone(nn.Module):
     Args:
         name: key of ``BACKBONES``.
         body: the torchvision model, final linear already replaced by ``nn.Identity``.
-        width: size of the feature vector ``forward`` returns.
-        width_mult: the model's width multiplier (1.0 where the model has none).
+        num_features: size of the feature vector ``forward`` returns.
+        width_mult: the model's width multiplier (``backbone.width``; 1.0 where the model has none).
     """
 
-    def __init__(self, name: str, body: nn.Module, width: int, width_mult: float = 1.0):
+    def __init__(self, name: str, body: nn.Module, num_features: int, width_mult: float = 1.0):
         super().__init__()
         self.name = name
         self.body = body
-        self.width = width
+        self.num_features = num_features
         self.width_mult = width_mult
         self.weights_source = "random"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
-
-    features = forward
 
     @property
     def transform_input(self) -> bool | None:
@@ -101,28 +97,37 @@ def list_backbones() -> list[str]:
     return sorted(BACKBONES)
 
 
+def check_backbone_name(name: str) -> None:
+    """Refuse a name that is not in ``BACKBONES``, listing those that are."""
+    if name not in BACKBONES:
+        raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
+
+
 def build_backbone(
     name: str,
     *,
-    weights: str | os.PathLike | None = None,
+    weights: str | Mapping[str, torch.Tensor] | None = None,
     width: float = 1.0,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    source: str = "state dict",
 ) -> Backbone:
     """Build a feature extractor from torchvision and load its weights.
 
     Args:
         name: one of ``list_backbones()``.
-        weights: ``None`` (random), ``"imagenet"``, or a path (``.ckpt`` from this platform,
-            ``.safetensors``, or a plain ``.pt``/``.pth`` state dict).
-        width: width multiplier (``mobilenet_v2`` only).
-        mean, std: input normalization; with ImageNet weights they must match the weights'.
+        weights: ``None`` (random), a name of ``PRETRAINED`` (torchvision's weights), or a state dict
+            (keys with or without ``body.`` and torchvision's head; ``load_backbone_state``).
+        width: width multiplier (``backbone.width``; ``mobilenet_v2`` only).
+        mean, std: input normalization; with torchvision's weights they must match the weights'.
+        source: where a state dict came from (``weights_source`` and messages).
 
     Returns:
-        The backbone, with ``width`` (feature size) and ``weights_source`` set.
+        The backbone, with ``num_features`` and ``weights_source`` set.
     """
-    if name not in BACKBONES:
-        raise BackboneError(f"unknown backbone {name!r}; choose one of: {', '.join(list_backbones())}")
+    check_backbone_name(name)
+    if weights is not None and not isinstance(weights, Mapping) and weights not in PRETRAINED:
+        raise BackboneError(f"weights={weights!r}: pass null, {' or '.join(PRETRAINED)}, or a state dict")
     spec = BACKBONES[name]
     if width != 1.0 and not spec.accepts_width:
         raise BackboneError(
@@ -142,11 +147,11 @@ def build_backbone(
     else:
         features = model.get_submodule(spec.final_linear).in_features
         _replace_submodule(model, spec.final_linear, nn.Identity())
-    backbone = Backbone(name, model, width=features, width_mult=width)
+    backbone = Backbone(name, model, num_features=features, width_mult=width)
     if pretrained:
         backbone.weights_source = str(weights)
     elif weights is not None:
-        load_backbone_weights(backbone, weights)
+        load_backbone_state(backbone, weights, source=source)
     return backbone
 
 
@@ -190,9 +195,6 @@ def pretrained_weights_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_weights_enum(name).url)
 
 
-imagenet_weights_file = pretrained_weights_file
-
-
 def load_pretrained_state_dict(name: str) -> dict[str, torch.Tensor]:
     """Torchvision's pretrained weights for ``name`` from the torch hub cache; if missing, downloaded
     (when online) and checked against the hash in the file name."""
@@ -225,79 +227,26 @@ def _replace_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read tensors from a safetensors file, or a torch file with ``weights_only=True``."""
-    return read_weights(path)[0]
-
-
-def transform_input_from_hparams(hp: Mapping) -> bool | None:
-    """The ``transform_input`` a modelpatch checkpoint's hyper-parameters record (older checkpoints:
-    on when the run started from torchvision's weights)."""
-    backbone = hp.get("backbone", {})
-    if backbone.get("transform_input") is not None:
-        return bool(backbone["transform_input"])
-    if backbone.get("name") != "inception_v3":
-        return None
-    return hp.get("meta", {}).get("config", {}).get("backbone", {}).get("weights") in PRETRAINED
-
-
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], bool | None]:
-    """Tensors of a weights file and the ``transform_input`` it records (``None`` where it says nothing)."""
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneError(f"backbone weights file {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            recorded = (f.metadata() or {}).get("transform_input")
-        return load_safetensors(path), None if recorded is None else json.loads(recorded)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        # torch's own message (an unpickler's advice to file an issue) says nothing of what was expected
-        raise BackboneError(
-            f"backbone weights file {str(path)!r} is not a checkpoint torch can read safely ({type(err).__name__}): "
-            "expected a modelpatch/Lightning .ckpt, a state dict saved with torch.save (tensors in plain "
-            "containers, read with weights_only=True) or a .safetensors file"
-        ) from err
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        return backbone_state_from_checkpoint(obj, path), transform_input_from_hparams(obj.get("hyper_parameters", {}))
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BackboneError(f"{path} holds no state dict (a mapping of names to tensors)")
-    return dict(obj), None
-
-
-def load_backbone_weights(backbone: Backbone, path: str | os.PathLike) -> None:
-    """Load a state dict (and the ``transform_input`` it records) into ``backbone``; any missing or
-    unexpected key is an error."""
-    state, transform_input = read_weights(path)
+def load_backbone_state(
+    backbone: Backbone, state: Mapping[str, torch.Tensor], *, source: str, transform_input: bool | None = None
+) -> None:
+    """Load a state dict (with or without ``body.`` and torchvision's head) and the ``transform_input`` that
+    goes with it into ``backbone``; any missing, unexpected or mis-shaped key is an error naming them."""
     if not any(k.startswith("body.") for k in state):
         state = {f"body.{k}": v for k, v in state.items()}
-    expected = backbone.state_dict()
     # A full torchvision state dict still holds the final layer this backbone removed.
     spec = BACKBONES[backbone.name]
     if spec.final_linear is not None:
         state = {k: v for k, v in state.items() if not k.startswith(f"body.{spec.final_linear}.")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
+    mismatch = compare_keys(backbone.state_dict(), state)
+    if mismatch:
         raise BackboneError(
-            f"{path} does not fit backbone {backbone.name} (width {backbone.width_mult}): "
-            + _summarize("missing", missing)
-            + _summarize("unexpected", unexpected)
-            + _summarize("wrong shape", wrong_shape)
-            + "check backbone= and backbone.width= against the run that made the file"
+            f"{source} does not fit backbone {backbone.name} (width {backbone.width_mult}): {mismatch.describe()}; "
+            "check backbone= and backbone.width= against the run that made the file"
         )
     backbone.load_state_dict(state)
     backbone.restore_transform_input(transform_input)
-    backbone.weights_source = str(path)
-
-
-def _summarize(label: str, keys: list[str], show: int = 3) -> str:
-    if not keys:
-        return ""
-    more = f" and {len(keys) - show} more" if len(keys) > show else ""
-    return f"{len(keys)} {label} key(s) ({', '.join(keys[:show])}{more}); "
+    backbone.weights_source = source
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -307,8 +256,4 @@ def fingerprint(module: nn.Module) -> str:
     transform_input = getattr(module, "transform_input", None)
     if transform_input is not None:
         digest.update(f"transform_input={transform_input}".encode())
-    for key, tensor in sorted(module.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return hash_tensors(module.state_dict(), digest, dtypes=False).hexdigest()[:16]

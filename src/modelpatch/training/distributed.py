@@ -1,9 +1,9 @@
-"""Data-parallel training (DDP) as the task mixing needs it: the strategy's settings, the checks made
-before training, and what N ranks change (the global batch and the steps per epoch)."""
+"""Data-parallel training (DDP) as the task mixing needs it: the strategy's settings and the checks made
+before training. What N ranks change in an epoch: ``data.steps.describe_steps``."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy
@@ -11,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from modelpatch.config import ConfigError
 from modelpatch.data.mixing import Mixing
-from modelpatch.data.steps import StepSampler
 
 # Lightning's names for DDP, and the start method each stands for
 DDP_NAMES = {"ddp": "popen", "ddp_spawn": "spawn", "ddp_fork": "fork", "ddp_notebook": "fork"}
@@ -87,15 +86,3 @@ def _several_devices(trainer_cfg: DictConfig) -> bool:
         return len(devices) > 1
     # "auto" or -1: every device of the accelerator
     return trainer_cfg.get("accelerator", "auto") not in ("cpu",) and torch.cuda.device_count() > 1
-
-
-def describe_steps(sizes: Mapping[str, int], mixing: Mixing, batch_size: int, world_size: int) -> str:
-    """The line every run prints: ranks, global batch per task and step, steps per epoch."""
-    sampler = StepSampler(sizes, mixing, batch_size, num_replicas=world_size, rank=0)
-    globals_ = {t: batch_size * len(sampler.groups[t]) for t in sizes}
-    per_task = ", ".join(f"{t} {b}" for t, b in globals_.items())
-    batch = str(next(iter(globals_.values()))) if len(set(globals_.values())) == 1 else f"({per_task})"
-    return (
-        f"data: {world_size} rank(s) x batch {batch_size} per task and step = global batch {batch}; "
-        f"{len(sampler)} steps per epoch (task.mixing={mixing.name}; docs/clusters.md: scaling the learning rate)"
-    )

@@ -11,21 +11,25 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MaxMetric, Metric
+from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from modelpatch.backbones import Backbone
 from modelpatch.data.mixing import Mixing, make_mixing
 from modelpatch.data.specs import check_task_names
-from modelpatch.mixed import forward_mixed
-from modelpatch.patches import Patch, PatchedBackbone
+from modelpatch.models.backbones import Backbone
+from modelpatch.models.multitask_forward import forward_mixed
+from modelpatch.models.patches import Patch, PatchedBackbone, unmangle
+from modelpatch.training.metrics import TaskMeanAccuracy, TaskTrainStats
+from modelpatch.training.optim import OptimConfig, check_optim, make_optimizer, rate, warmup_cosine
+from modelpatch.training.state_keys import patch_key
 
 log = logging.getLogger("modelpatch")
 
 
 @dataclass
-class TaskHead:
-    """What the module needs to know of a task."""
+class TaskInfo:
+    """What the module needs to know of a task: its name, classes, loss weight, training samples and data recipe
+    (``spec``, a ``TaskSpec`` as a dict)."""
 
     name: str
     num_classes: int
@@ -35,95 +39,13 @@ class TaskHead:
     spec: dict = field(default_factory=dict)
 
 
-@dataclass
-class OptimConfig:
-    """Optimizer and schedule. ``None`` learning rates fall back to ``lr`` (``0.0`` is a rate: frozen)."""
-
-    name: str = "sgd"
-    lr: float = 0.05
-    patch_lr: float | None = None
-    head_lr: float | None = None
-    shared_lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    patch_weight_decay: float = 0.0
-    scheduler: str = "cosine"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-
-
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop")
-SCHEDULERS = ("cosine", "constant")
-
-
-def check_optim(optim: OptimConfig) -> None:
-    """Names and values of ``optim.*`` that cannot be trained with: an error naming the option."""
-    if optim.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name={optim.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
-    if optim.scheduler not in SCHEDULERS:
-        raise ValueError(f"optim.scheduler={optim.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
-    for key in ("lr", "patch_lr", "head_lr", "shared_lr", "warmup_epochs"):
-        value = getattr(optim, key)
-        if value is not None and value < 0:
-            raise ValueError(f"optim.{key}={value} is negative; use a rate >= 0 (null: optim.lr)")
-
-
-class TaskMeanAccuracy(Metric):
-    """Accuracy of each task, averaged over tasks (the number a sweeper optimizes).
-
-    Own metric: torchmetrics' ``MultitaskWrapper`` needs every task's predictions in one update, and here
-    each evaluation batch is one task's; tasks without a batch must not count.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_tasks: int):
-        super().__init__()
-        self.add_state("correct", torch.zeros(num_tasks), dist_reduce_fx="sum")
-        self.add_state("total", torch.zeros(num_tasks), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor, task_index: int) -> None:
-        self.correct[task_index] += (preds == target).sum()
-        self.total[task_index] += target.numel()
-
-    def compute(self) -> torch.Tensor:
-        seen = self.total > 0
-        return (self.correct[seen] / self.total[seen]).mean()
-
-
-class TaskTrainStats(Metric):
-    """Each task's mean training loss and accuracy over an epoch, summed across ranks.
-
-    One metric for all tasks, logged once per epoch: logging per step costs about 0.7 ms of
-    Lightning bookkeeping per value, as much as a cached-feature step itself. Own metric: a
-    ``MeanMetric`` and an accuracy per task would cost 2K syncs per epoch where this is one.
-    """
-
-    full_state_update = False
-
-    def __init__(self, num_tasks: int):
-        super().__init__()
-        for name in ("loss_sum", "correct", "total"):
-            self.add_state(name, torch.zeros(num_tasks), dist_reduce_fx="sum")
-
-    def update(self, loss: torch.Tensor, preds: torch.Tensor, target: torch.Tensor, task_index: int) -> None:
-        self.loss_sum[task_index] += loss.detach() * target.numel()
-        self.correct[task_index] += (preds == target).sum()
-        self.total[task_index] += target.numel()
-
-    def compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mean loss, accuracy, samples) per task; tasks not seen have 0 samples."""
-        seen = self.total.clamp(min=1)
-        return self.loss_sum / seen, self.correct / seen, self.total
-
-
 class PatchModule(L.LightningModule):
     """Shared backbone + one patch and one head per task.
 
     Args:
         backbone: the feature extractor (shared by all tasks).
         patch: the resolved patch (``resolve_patch``).
-        tasks: one ``TaskHead`` per task, in order.
+        tasks: one ``TaskInfo`` per task, in order.
         optim: optimizer settings.
         mean, std: input normalization (per channel, for ``[0, 1]`` images).
         train_shared: also train the backbone parameters no patch selects.
@@ -141,7 +63,7 @@ class PatchModule(L.LightningModule):
         self,
         backbone: Backbone,
         patch: Patch,
-        tasks: Sequence[TaskHead],
+        tasks: Sequence[TaskInfo],
         *,
         optim: OptimConfig | None = None,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
@@ -164,7 +86,7 @@ class PatchModule(L.LightningModule):
         self.model = PatchedBackbone(
             backbone, patch, self.tasks, train_shared=train_shared, lean_backward=lean_backward
         )
-        self.heads = nn.ModuleDict({t.name: nn.Linear(backbone.width, t.num_classes) for t in tasks})
+        self.heads = nn.ModuleDict({t.name: nn.Linear(backbone.num_features, t.num_classes) for t in tasks})
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -180,8 +102,8 @@ class PatchModule(L.LightningModule):
             {
                 "backbone": {
                     "name": backbone.name,
-                    "width": backbone.width,
                     "width_mult": backbone.width_mult,
+                    "num_features": backbone.num_features,
                     "weights": backbone.weights_source,
                     "transform_input": backbone.transform_input,
                 },
@@ -207,6 +129,16 @@ class PatchModule(L.LightningModule):
     @property
     def patch(self) -> Patch:
         return self.model.patch
+
+    @property
+    def backbone(self) -> Backbone:
+        """The shared backbone (``self.model`` is the backbone with every task's patch)."""
+        return self.model.backbone
+
+    @property
+    def patches(self) -> nn.ModuleDict:
+        """Each task's ``TaskPatch``, by task name."""
+        return self.model.patches
 
     @property
     def trainable_tasks(self) -> list[str]:
@@ -334,7 +266,7 @@ class PatchModule(L.LightningModule):
                     buf.copy_(total.div_(len(ranks)))
                 else:  # counts (num_batches_tracked): the first trainer's
                     torch.distributed.broadcast(buf, src=ranks[0])
-                synced[f"model.patches.{task}.{name}"] = buf
+                synced[patch_key(task, unmangle(name))] = buf
         return synced
 
     def training_step(self, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]], batch_idx: int):
@@ -410,13 +342,13 @@ class PatchModule(L.LightningModule):
             {
                 "name": "patch",
                 "params": list(self.model.patches.parameters()),
-                "lr": _rate(o.patch_lr, o.lr),
+                "lr": rate(o.patch_lr, o.lr),
                 "weight_decay": o.patch_weight_decay,
             },
             {
                 "name": "head",
                 "params": list(self.heads.parameters()),
-                "lr": _rate(o.head_lr, o.lr),
+                "lr": rate(o.head_lr, o.lr),
                 "weight_decay": o.weight_decay,
             },
         ]
@@ -425,20 +357,13 @@ class PatchModule(L.LightningModule):
                 {
                     "name": "shared",
                     "params": [p for p in self.model.shared_parameters() if p.requires_grad],
-                    "lr": _rate(o.shared_lr, o.lr),
+                    "lr": rate(o.shared_lr, o.lr),
                     "weight_decay": o.weight_decay,
                 }
             )
         groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in groups]
         groups = [g for g in groups if g["params"]]
-        if o.name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0)
-        elif o.name == "rmsprop":
-            optimizer = torch.optim.RMSprop(groups, lr=o.lr, momentum=o.momentum)
-        elif o.name == "adam":
-            optimizer = torch.optim.Adam(groups, lr=o.lr)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=o.lr)
+        optimizer = make_optimizer(groups, o)
         if o.scheduler == "constant":
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -455,20 +380,5 @@ class PatchModule(L.LightningModule):
         return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
 
-def _rate(value: float | None, default: float) -> float:
-    return default if value is None else value
-
-
 def _numel(params) -> int:
     return sum(p.numel() for p in params)
-
-
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step schedule: ``warmup`` steps rising linearly to the base rate (step ``s``: ``(s + 1) / warmup``),
-    then a cosine decay to 0 at step ``total``."""
-    schedulers = torch.optim.lr_scheduler
-    if warmup == 0:
-        return schedulers.CosineAnnealingLR(optimizer, T_max=max(1, total))
-    linear = schedulers.LinearLR(optimizer, 1 / warmup, 1.0, total_iters=max(1, warmup - 1))
-    cosine = schedulers.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup))
-    return schedulers.SequentialLR(optimizer, [linear, cosine], milestones=[warmup])

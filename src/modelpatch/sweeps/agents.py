@@ -1,7 +1,7 @@
 """Sweep agents on SLURM: one ``sbatch`` array job, each of its tasks an agent running its runs in its allocation.
 
 An agent of a W&B sweep (a sweep id) is ``wandb agent [--count M] <id>``; an agent of a sweep without a
-W&B server (a sweep folder, :mod:`modelpatch.sweep_folder`) is ``python -m modelpatch.sweep agent <folder>``.
+W&B server (a sweep folder, :mod:`modelpatch.sweeps.folder`) is ``python -m modelpatch.sweep agent <folder>``.
 Either way the runs are ``train.py`` processes inside the task's allocation (CPUs, memory, GPUs as asked),
 one after another.
 """

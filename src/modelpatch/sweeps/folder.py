@@ -5,7 +5,7 @@ A sweep folder holds ``sweep.json`` (the sweep file, the overrides every run get
 per run, ``<num>/`` (its train.py output dir), with ``sweep_run.json`` (parameters, state, who ran it); each
 run's metric goes back to the engine from its ``results.json``. Runs are claimed under a file lock, so several
 processes can share a folder: the Hydra sweeper ``hydra/sweeper=wandb`` (runs launched by any Hydra launcher)
-and :func:`agent` (runs one by one, e.g. in each task of a SLURM array, :mod:`modelpatch.agents`).
+and :func:`agent` (runs one by one, e.g. in each task of a SLURM array, :mod:`modelpatch.sweeps.agents`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from typing import Any
 
 import yaml
 
-from modelpatch.checkpoints import RESULTS_FILE
-from modelpatch.sweep import SweepError, config_groups, flatten, hydra_overrides, hydra_value
+from modelpatch.atomic import write_json
+from modelpatch.config import override_key
+from modelpatch.files.results import RESULTS_FILE
+from modelpatch.sweeps.overrides import SweepError, config_groups, flatten, hydra_overrides, hydra_value
 
 log = logging.getLogger("modelpatch")
 
@@ -74,7 +76,7 @@ def init_sweep(folder: Path, config: dict, overrides: Sequence[str] = (), group:
         path = folder / SWEEP_FILE
         if path.exists() and json.loads(path.read_text())["sweep"] != config:
             raise SweepError(f"{folder} holds another sweep ({path}): choose a new folder for this one")
-        _write_json(path, state)
+        write_json(path, state)
     return state
 
 
@@ -94,13 +96,6 @@ def locked(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def run_numbers(folder: Path) -> list[int]:
@@ -196,7 +191,7 @@ def claim(folder: Path, n: int, limit: int | None = None) -> list[tuple[int, dic
         claimed = []
         for num, run in enumerate(suggested, start=first):
             config = json.loads(json.dumps(run.config, default=lambda x: x.item()))  # numpy scalars as numbers
-            _write_json(folder / str(num) / RUN_FILE, {"config": config, "state": "running", "by": _who()})
+            write_json(folder / str(num) / RUN_FILE, {"config": config, "state": "running", "by": _who()})
             claimed.append((num, {k: v["value"] for k, v in config.items()}))
     return claimed
 
@@ -207,21 +202,21 @@ def finish(folder: Path, num: int, ok: bool) -> str:
     with locked(folder):
         record = json.loads(path.read_text())
         record["state"] = "finished" if ok and (folder / str(num) / RESULTS_FILE).is_file() else "failed"
-        _write_json(path, record)
+        write_json(path, record)
     return record["state"]
 
 
 def run_overrides(state: dict, groups: set[str], params: dict) -> list[str]:
     """What one run of the folder gets: the folder's overrides, W&B logging in the sweep's group, and the
     run's parameters."""
-    given = {o.split("=", 1)[0].lstrip("+~") for o in state["overrides"]} | set(flatten(params))
+    given = {override_key(o) for o in state["overrides"]} | set(flatten(params))
     wandb = [] if "logger" in given else ["logger=wandb"]
     group = [f"++logger.wandb.group={hydra_value(state['group'])}"] if state["group"] else []
     return [*state["overrides"], *wandb, *group, *hydra_overrides(params, groups)]
 
 
 def check_overlap(params: Sequence[str], overrides: Sequence[str]) -> None:
-    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    keys = {override_key(o) for o in overrides}
     both = sorted(keys & {p.lstrip("+~") for p in params})
     if both:
         raise SweepError(f"the sweep sets {', '.join(both)}: leave them out of the command line")

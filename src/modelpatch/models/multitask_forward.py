@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from modelpatch.patches import PatchedBackbone, is_depthwise
+from modelpatch.models.patches import PatchedBackbone, is_depthwise
 
 
 def forward_mixed(model: PatchedBackbone, x: torch.Tensor, task_index: torch.Tensor, tasks: list[str]) -> torch.Tensor:

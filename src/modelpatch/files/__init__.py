@@ -1,0 +1,1 @@
+"""Files a run writes: patch files (safetensors + checksummed metadata) and ``results.json``."""

@@ -1,0 +1,1 @@
+"""Reporting: ``results.json`` files -> tables, plots (single- and multi-task) and a W&B report. Reads only files."""
