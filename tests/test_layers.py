@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import CONF, ROOT
+from .support import CONF, ROOT
 
 SRC = ROOT / "src" / "modelpatch"
 DOC = ROOT / "docs" / "architecture.md"
