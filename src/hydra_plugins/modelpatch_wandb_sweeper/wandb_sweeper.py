@@ -27,7 +27,7 @@ class WandbSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> list[int]:
         from modelpatch.sweeps.folder import drive, init_sweep, load_sweep_file
-        from modelpatch.sweeps.overrides import SweepError, all_groups
+        from modelpatch.sweeps.overrides import SweepError, all_groups, hydra_value
 
         subdir = OmegaConf.to_container(self.config.hydra.sweep, resolve=False)["subdir"]
         if subdir != "${hydra.job.num}":
@@ -38,7 +38,12 @@ class WandbSweeper(Sweeper):
         init_sweep(folder, load_sweep_file(Path(self.config.hydra.runtime.cwd, self.sweep_file)), arguments, self.group)
         OmegaConf.save(self.config, folder / "multirun.yaml")
 
+        # Each run in <folder>/<num>, where the engine reads its results.json: the default sweep dir
+        # (runs/${task.name}/multiruns/<date>) would move a run whose parameters set the task elsewhere.
+        pin = f"hydra.sweep.dir={hydra_value(str(folder))}"
+
         def launch(batch: list[list[str]], first: int):
+            batch = [[*overrides, pin] for overrides in batch]
             self.validate_batch_is_legal(batch)
             return self.launcher.launch(batch, initial_job_idx=first)
 
