@@ -4,7 +4,7 @@ recorded in checkpoints, base files and patch files, restored from each, and par
 import pytest
 import torch
 
-from modelpatch.files.patch_files import BASE_FILE, base_metadata, export_patches, save_tensors
+from modelpatch.files.patch_files import BASE_FILE, atomic_save, base_metadata, export_patches
 from modelpatch.files.patched_model import load_patched_model
 from modelpatch.models.backbones import fingerprint
 from modelpatch.models.patches import resolve_patch
@@ -33,7 +33,7 @@ def test_fingerprint_covers_transform_input(inception):
 
 
 def test_base_file_and_checkpoint_restore_transform_input(inception, tmp_path):
-    save_tensors(dict(inception.state_dict()), tmp_path / BASE_FILE, base_metadata(inception))
+    atomic_save(dict(inception.state_dict()), tmp_path / BASE_FILE, base_metadata(inception))
     loaded = load_backbone("inception_v3", weights=tmp_path / BASE_FILE)
     assert loaded.body.transform_input is True and fingerprint(loaded) == fingerprint(inception)
 

@@ -74,7 +74,7 @@ def check_metadata(path: Path, meta: dict[str, str]) -> None:
         )
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
     """Write a safetensors file atomically (a crash leaves the old file or the new one, never half)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata), fsync=True)
@@ -134,7 +134,7 @@ def export_task_patch(
         "tensors_sha256": tensors_digest(tensors),
     }
     meta["meta_sha256"] = json.dumps(metadata_digests(meta))
-    return save_tensors(tensors, Path(path), meta)
+    return atomic_save(tensors, Path(path), meta)
 
 
 def export_patches(model: PatchModule, out_dir: str | Path, metrics: dict[str, float] | None = None) -> dict[str, Path]:
@@ -150,7 +150,7 @@ def export_patches(model: PatchModule, out_dir: str | Path, metrics: dict[str, f
     written: dict[str, Path] = {}
     base_weights = backbone.weights_source
     if model.model.train_shared or backbone.weights_source == "random" or "init_from" in model.hparams:
-        written["base"] = save_tensors(dict(backbone.state_dict()), out_dir / BASE_FILE, base_metadata(backbone))
+        written["base"] = atomic_save(dict(backbone.state_dict()), out_dir / BASE_FILE, base_metadata(backbone))
         base_weights = BASE_FILE
     for task in model.task_names:
         written[task] = export_task_patch(

@@ -20,10 +20,10 @@ from modelpatch.files.patch_files import (
     BASE_FILE,
     PatchFile,
     PatchFileError,
+    atomic_save,
     check_fits,
     read_patch_file,
     resolve_base,
-    save_tensors,
 )
 from modelpatch.models.backbones import Backbone
 from modelpatch.models.patches import resolve_patch
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             backbone = load_backbone(pf.meta["backbone"], weights=resolve_base(pf, args.base), width=pf.meta["width"])
             backbone.restore_transform_input(pf.meta["transform_input"])
             meta = {k: v for k, v in pf.meta.items() if isinstance(v, str)}
-            save_tensors(merge(pf, backbone), Path(args.out), meta)
+            atomic_save(merge(pf, backbone), Path(args.out), meta)
             print(f"written: {args.out}")
     except (PatchFileError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
