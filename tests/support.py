@@ -89,15 +89,26 @@ def train_py_slurm(*args: str, timeout: int = 300, **kwargs: Any) -> subprocess.
     return train_py("-m", "hydra/launcher=slurm", *args, timeout=timeout, **kwargs)
 
 
-def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, msg: str = "") -> None:
-    """Equal up to ``rtol`` of the larger tensor's scale (its largest magnitude), element by element.
+def assert_close_scaled(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, msg: str = "", scale: float | None = None
+) -> None:
+    """Equal up to ``rtol`` of the scale of what is compared, element by element: ``scale`` (the largest
+    magnitude among all the tensors compared, e.g. every gradient of a model: :func:`largest_magnitude`), else
+    the larger of the two tensors' largest magnitudes.
 
     Two sums of the same terms in another order (ranks reducing, other thread counts) differ by rounding
     proportional to the terms, not to the result: a near-zero element of a gradient can differ by 100% of
-    itself. An absolute tolerance tuned on one machine fails on another; one scaled by the tensor does not.
+    itself, and a gradient that is zero but for rounding (a bias before another normalization) is all noise.
+    An absolute tolerance tuned on one machine fails on another; one scaled by the tensors compared does not.
     """
-    scale = torch.maximum(actual.detach().abs().max(), expected.detach().abs().max()).item()
+    if scale is None:
+        scale = max(largest_magnitude({"a": actual, "e": expected}), torch.finfo(expected.dtype).tiny)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=rtol * scale, msg=msg or None)
+
+
+def largest_magnitude(tensors: dict[str, torch.Tensor]) -> float:
+    """The largest absolute value among ``tensors`` (the scale of a set of gradients or statistics)."""
+    return max(t.detach().abs().max().item() for t in tensors.values() if t.numel())
 
 
 # A W&B sweep file the sweep tests run: bayes over the patch learning rate and two patch kinds.

@@ -51,7 +51,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from .conftest import ROOT
+from .support import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -609,7 +609,8 @@ def say(config: pytest.Config, line: str) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT_S * 3)  # a command may first run the one that makes its placeholder's folder
-@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
+# one block's commands on one xdist worker, in order: a later command reads what an earlier one wrote
+@pytest.mark.parametrize("cmd", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.block)) for c in COMMANDS])
 def test_documented_command(cmd: Command, runner: Runner, request):
     if cmd.text in NOT_RUN:
         pytest.skip(f"not run: {NOT_RUN[cmd.text]}")
@@ -649,10 +650,14 @@ def test_tables_name_documented_commands():
     assert not stale, "table entries naming nothing in the docs any more:\n" + "\n".join(stale)
 
 
+CARD = "python train.py patch=bn+dw task=multi -m"
+
+
+@pytest.mark.xdist_group(next((c.block for c in COMMANDS if c.text == CARD), "card"))  # where its block runs
 def test_the_card_command_runs_with_the_budget_before_its_final_m(runner: Runner):
     """The headline command, which once failed on a fresh clone (hydra.sweep.dir resolved before any job); run
     once, by test_documented_command or here."""
-    (card,) = [c for c in COMMANDS if c.text == "python train.py patch=bn+dw task=multi -m"]
+    (card,) = [c for c in COMMANDS if c.text == CARD]
     assert card.text not in NOT_RUN
     out = runner.run(card)
     assert out.calls == [["train.py", "patch=bn+dw", "task=multi", *BUDGET, "-m"]], out.report()
