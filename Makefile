@@ -50,16 +50,13 @@ main: setup system-deps
 		backbone.weights=$(RUN)/pretrain/checkpoints/last.ckpt hydra.sweep.dir=$(RUN)/transfer $(QUIET)
 	$(PY) -m modelpatch.report $(RUN)/transfer
 
-## Two workers (pytest-xdist): most tests wait on processes they start (imports, SLURM, DDP rendezvous).
-TEST_WORKERS ?= 2
-
 test: setup system-deps
 	bash scripts/slurm-local.sh
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest
 
 ## The edit-test loop: every test of one process (no train.py subprocess, DDP, SLURM, pool or install).
 test-fast: setup system-deps
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

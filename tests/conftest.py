@@ -16,17 +16,6 @@ from omegaconf import DictConfig
 from .support import FASHION_MNIST, START_CLUSTER, compose_cfg
 
 NODE_IDLE_TIMEOUT_S = 120
-SLURM_FIXTURES = {"slurm", "slurm_cluster"}
-
-
-def pytest_collection_modifyitems(items):
-    """Tests on the one-node cluster run one after another, on one xdist worker (make test runs two): two at
-    once would queue for the node's CPUs and wait on each other's jobs."""
-    for item in items:
-        if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-
-
 BUSY_STATES = {"alloc", "comp"}  # transient: a job is running or its node is cleaning up
 
 

@@ -71,7 +71,7 @@ DEFAULT_TASK = next(d["task"] for d in OmegaConf.load(ROOT / "conf" / "train.yam
 # Unlabelled blocks that are pictures, not commands: (doc, start of the block's first line).
 PICTURES = [
     ("README.md", "train.py                 thin Hydra entry"),
-    ("docs/architecture.md", "conf/ (Hydra) ─► backbones"),
+    ("docs/architecture.md", "conf/ (Hydra) ─► models/backbones"),
 ]
 
 # Placeholder -> (the command of the same block that makes the folder, the folder it stands for: {dir} is that
@@ -609,8 +609,7 @@ def say(config: pytest.Config, line: str) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT_S * 3)  # a command may first run the one that makes its placeholder's folder
-# one block's commands on one xdist worker, in order: a later command reads what an earlier one wrote
-@pytest.mark.parametrize("cmd", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.block)) for c in COMMANDS])
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
 def test_documented_command(cmd: Command, runner: Runner, request):
     if cmd.text in NOT_RUN:
         pytest.skip(f"not run: {NOT_RUN[cmd.text]}")
@@ -653,7 +652,6 @@ def test_tables_name_documented_commands():
 CARD = "python train.py patch=bn+dw task=multi -m"
 
 
-@pytest.mark.xdist_group(next((c.block for c in COMMANDS if c.text == CARD), "card"))  # where its block runs
 def test_the_card_command_runs_with_the_budget_before_its_final_m(runner: Runner):
     """The headline command, which once failed on a fresh clone (hydra.sweep.dir resolved before any job); run
     once, by test_documented_command or here."""
