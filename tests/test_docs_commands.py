@@ -102,8 +102,8 @@ SAME_AS_RERUN = (
 # Documented commands that do not run here (normalized text: comments dropped, whitespace collapsed) -> why.
 NOT_RUN = {
     "make main": (
-        "4 min (pretraining, 5 transfer runs, the report) plus the install: run by hand for the closing note; "
-        "its three commands run here with the budget (docs/results.md, first block)"
+        "4 min (pretraining, 5 transfer runs, the report) plus the install: run by hand (docs/results.md records "
+        "its last run); its three commands run here with the budget (docs/results.md, first block)"
     ),
     "make test": "the test suite itself, this test included",
     "python train.py patch=bn+dw backbone.weights=imagenet": (
