@@ -50,13 +50,17 @@ main: setup system-deps
 		backbone.weights=$(RUN)/pretrain/checkpoints/last.ckpt hydra.sweep.dir=$(RUN)/transfer $(QUIET)
 	$(PY) -m modelpatch.report $(RUN)/transfer
 
+## Two workers (pytest-xdist), each with its share of the cores (tests/conftest.py): one test's imports, SLURM
+## waits and DDP rendezvous overlap the other's work. The SLURM tests share one worker; so do a docs block's commands.
+TEST_WORKERS ?= 2
+
 test: setup system-deps
 	bash scripts/slurm-local.sh
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ## The edit-test loop: every test of one process (no train.py subprocess, DDP, SLURM, pool or install).
 test-fast: setup system-deps
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

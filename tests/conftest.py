@@ -15,7 +15,60 @@ from omegaconf import DictConfig
 
 from .support import FASHION_MNIST, START_CLUSTER, compose_cfg
 
-NODE_IDLE_TIMEOUT_S = 120
+NODE_IDLE_TIMEOUT_S = 300  # a documented SLURM command of the other xdist worker may hold the node meanwhile
+SLURM_FIXTURES = {"slurm", "slurm_cluster"}
+
+
+def pytest_configure(config):
+    """Under xdist (make test: 2 workers), each worker's share of the cores: torch threads here and
+    OMP_NUM_THREADS for the processes its tests start (those that set their own keep them). Two workers at
+    torch's default of one thread per core each ran 2x oversubscribed: CPU time 1.8x, README's 5-patch multirun 7x
+    slower (16 s alone, 109 s so)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        from modelpatch.cluster.jobs import available_cores
+
+        share = max(1, available_cores() // workers)
+        os.environ["OMP_NUM_THREADS"] = str(share)
+        torch.set_num_threads(share)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    """Tests on the one-node cluster run one after another, on one xdist worker (make test runs two): two at
+    once would queue for the node's CPUs and wait on each other's jobs."""
+    for item in items:
+        if SLURM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Every documented command tests/test_docs_commands.py ran (its time; + where the budget was added) or did
+    not run (why), in the docs' order, from the properties each test recorded (a worker's lines do not reach here)."""
+    ran, not_run, budgets = [], [], set()
+    for outcome in ("passed", "failed", "skipped"):
+        for report in terminalreporter.stats.get(outcome, []):
+            props = dict(getattr(report, "user_properties", ()))
+            if "documented_command" not in props or report.when not in ("setup", "call"):
+                continue
+            command = props["documented_command"]
+            doc, line = command.split(" ", 1)[0].rsplit(":", 1)
+            if outcome == "skipped":
+                not_run.append(((doc, int(line)), f"not run {command}: {props.get('not_run')}"))
+            else:
+                budgets.add(props.get("budget"))
+                mark = "+" if props.get("budget") else " "
+                ran.append(((doc, int(line)), f"{outcome:6} {report.duration:5.1f}s {mark} {command}"))
+    if ran or not_run:
+        terminalreporter.write_sep("=", f"documented commands: {len(ran)} run, {len(not_run)} not run here")
+        for budget in sorted(filter(None, budgets)):
+            terminalreporter.write_line(f"  + budget added to train.py: {budget}")
+        for _, row in sorted(ran) + sorted(not_run):
+            terminalreporter.write_line("  " + row)
+
+
 BUSY_STATES = {"alloc", "comp"}  # transient: a job is running or its node is cleaning up
 
 

@@ -15,8 +15,9 @@ modelpatch.sweep agents <sweep file>`` (overrides after the file go to every run
 this interpreter with the copy's src/ first on ``PYTHONPATH`` (as ``pip install -e .`` in the copy would).
 Nothing else is added; where the outputs go is the command's own doing.
 
-BUDGET: 2 training steps, then validation (``val/acc_best``, the metric train.py returns) and test on 2 batches
-each. ``trainer.max_steps``, not ``max_epochs``: a sweep file may set ``trainer.max_epochs``
+BUDGET: 2 training steps, then validation (``val/acc_best``, the metric train.py returns) and test on one batch
+of 128 each (a full evaluation batch is 512 images: 8x the work for nothing the test checks; Lightning's sanity
+check takes that one batch too). ``trainer.max_steps``, not ``max_epochs``: a sweep file may set ``trainer.max_epochs``
 (sweeps/embedded_bayes.yaml does) and the sweeper refuses a command line that sets it too; with 2 batches per
 epoch, step 2 ends the first epoch, which is validated. ``data.cache_features=false``: a ``logits`` run would
 first compute the features of every image of every split, which no trainer limit bounds (74 s against 9 s for
@@ -27,9 +28,10 @@ The model is the documented one (mobilenet_v2 1.0 at 32x32 by default).
 Checked: exit status 0, and the outputs where the docs say: a train.py run's ``results.json`` in
 ``runs/<task>/runs/<date>/`` or, for a multirun, one per job in ``runs/<task>/multiruns/<date>/<n>/`` (or under
 ``hydra.run.dir``/``hydra.sweep.dir`` when the command sets one), and nowhere else; for the other programs, see
-expected_outputs. NOT_RUN lists what does not run here, with the reason (a skip, listed by pytest's -ra summary).
-A command neither runnable nor listed fails test_every_command_is_run_or_listed; an entry of a table that names
-no documented command fails test_tables_name_documented_commands.
+expected_outputs. NOT_RUN lists what does not run here, with the reason (a skip). conftest.py's
+pytest_terminal_summary ends the output with every command run (time, budget) and not run (reason). A command
+neither runnable nor listed fails test_every_command_is_run_or_listed; an entry of a table that names no
+documented command fails test_tables_name_documented_commands.
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ DOCS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "do
 BUDGET = [
     "trainer.max_steps=2",
     "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=2",
-    "trainer.limit_test_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "data.eval_batch_size=128",
     "data.cache_features=false",
 ]
 SEARCH_BUDGET = ["hydra.sweeper.n_trials=2"]  # an Optuna search (hparams_search=...): 2 trials, not 20
@@ -583,12 +586,9 @@ class Runner:
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory, pytestconfig) -> Runner:
+def runner(tmp_path_factory) -> Runner:
     """The runner; afterwards, the copies whose every command passed are removed (2 GB in all), the others kept."""
     runner = Runner(tmp_path_factory.mktemp("docs_commands"))
-    say(
-        pytestconfig, f"budget added to each train.py: {' '.join(BUDGET)} (an Optuna search: {' '.join(SEARCH_BUDGET)})"
-    )
     yield runner
     for block, copy in runner.copies.items():
         outcomes = [o for c, o in runner.outcomes.items() if c.block == block]
@@ -596,26 +596,21 @@ def runner(tmp_path_factory, pytestconfig) -> Runner:
             shutil.rmtree(copy, ignore_errors=True)
 
 
-def say(config: pytest.Config, line: str) -> None:
-    """A line in pytest's output, captured or not: the budget and each command's time."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    capture = config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(line)
-
-
 # --------------------------------------------------------------------------------------------------- tests
 
 
 @pytest.mark.timeout(TIMEOUT_S * 3)  # a command may first run the one that makes its placeholder's folder
-@pytest.mark.parametrize("cmd", COMMANDS, ids=[c.id for c in COMMANDS])
-def test_documented_command(cmd: Command, runner: Runner, request):
+# one block's commands on one xdist worker, in order: a later command reads what an earlier one wrote
+@pytest.mark.parametrize("cmd", [pytest.param(c, id=c.id, marks=pytest.mark.xdist_group(c.block)) for c in COMMANDS])
+def test_documented_command(cmd: Command, runner: Runner, record_property):
+    """conftest.py's pytest_terminal_summary lists each command from the recorded properties."""
+    record_property("documented_command", cmd.id)
     if cmd.text in NOT_RUN:
+        record_property("not_run", NOT_RUN[cmd.text])
         pytest.skip(f"not run: {NOT_RUN[cmd.text]}")
     out = runner.run(cmd)
-    budget = " (budget added)" if any(program(c) == "train.py" for c in out.calls) else ""
-    say(request.config, f"  {out.seconds:6.1f}s {cmd.id}{budget}")
+    if any(program(c) == "train.py" for c in out.calls):
+        record_property("budget", " ".join(BUDGET))
     assert out.returncode == 0, out.report()
     assert not out.problems, out.report()
 
@@ -652,6 +647,7 @@ def test_tables_name_documented_commands():
 CARD = "python train.py patch=bn+dw task=multi -m"
 
 
+@pytest.mark.xdist_group(next((c.block for c in COMMANDS if c.text == CARD), "card"))  # where its block runs
 def test_the_card_command_runs_with_the_budget_before_its_final_m(runner: Runner):
     """The headline command, which once failed on a fresh clone (hydra.sweep.dir resolved before any job); run
     once, by test_documented_command or here."""
