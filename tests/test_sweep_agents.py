@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from modelpatch.sweeps.agents import submit
 from modelpatch.sweeps.folder import RUN_FILE, read_runs, read_sweep
 
 from .support import BAYES, CLI_TINY, ROOT, write_sweep
@@ -92,3 +93,16 @@ def test_server_less_sweep_through_the_slurm_launcher(slurm, tmp_path, data_dir,
     assert len(arrays) == 2  # a batch of two runs, then one
     for r in runs:
         assert "submitit requeues it" in (sweep / r.name / "train.log").read_text()  # it ran inside SLURM
+
+
+@pytest.mark.slow
+def test_wait_names_the_agent_that_failed_as_soon_as_all_have_ended(slurm, tmp_path):
+    """``--wait`` polls the array job itself (sbatch --wait looked at 2, 10 and 42 s) and names each task that
+    did not complete."""
+    script = tmp_path / "agents.sbatch"
+    script.write_text(
+        f"#!/bin/bash\n#SBATCH --array=0-2\n#SBATCH --output={tmp_path}/%A_%a.out\n"
+        'sleep 1\n[ "$SLURM_ARRAY_TASK_ID" = 1 ] && exit 3\nexit 0\n'
+    )
+    with pytest.raises(RuntimeError, match=r"job (\d+): an agent ended with an error: \1_1 FAILED \(exit 3:0\)$"):
+        submit(script, wait=True)

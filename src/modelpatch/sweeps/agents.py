@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,14 +70,50 @@ def sbatch_script(command: list[str], agents: int, logs: Path, resources: AgentR
 
 
 def submit(script: Path, wait: bool = False) -> str:
-    """``sbatch`` the script; returns the job id (with ``wait``, once every task has ended)."""
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), str(script)]
+    """``sbatch`` the script; returns the job id (with ``wait``, once every task has ended: ``wait_for``)."""
+    cmd = ["sbatch", "--parsable", str(script)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except FileNotFoundError as err:
         raise RuntimeError("sbatch not found: run this on a SLURM login node (or start a local cluster)") from err
     job = proc.stdout.strip().split(";")[0]
     if proc.returncode != 0:
-        what = f"job {job}: an agent ended with an error" if wait and job else "sbatch failed"
-        raise RuntimeError(f"{what} ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise RuntimeError(f"sbatch failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    if wait:
+        wait_for(job)
     return job
+
+
+# A task in any other state (PENDING, RUNNING, COMPLETING, REQUEUED, ...) has not ended.
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_for(job: str, poll_s: float = 1.0) -> None:
+    """Return when every task of array job ``job`` has ended; raise naming those that did not complete.
+
+    Polled every ``poll_s`` with ``scontrol`` rather than ``sbatch --wait``, whose checks come 2, 10 and
+    42 s after submitting (then every 32 s): two agents done in 12 s returned after 42 s."""
+    last: dict[str, tuple[str, str]] = {}
+    while True:
+        states = job_states(job)
+        if not states and last:
+            break  # purged from slurmctld (MinJobAge) since the last look: ended
+        last = states or last
+        if states and all(state in ENDED for state, _ in states.values()):
+            break
+        time.sleep(poll_s)
+    failed = [f"{task} {state} (exit {code})" for task, (state, code) in sorted(last.items()) if state != "COMPLETED"]
+    if failed:
+        raise RuntimeError(f"job {job}: an agent ended with an error: {', '.join(failed)}")
+
+
+def job_states(job: str) -> dict[str, tuple[str, str]]:
+    """``{<job>_<task>: (JobState, ExitCode)}`` of an array job's tasks, from ``scontrol show job``."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=False)
+    out = {}
+    for line in proc.stdout.splitlines():
+        fields = dict(re.findall(r"(\w+)=(\S*)", line))
+        if "JobState" in fields:
+            task = f"{fields.get('ArrayJobId', job)}_{fields.get('ArrayTaskId', fields.get('JobId', ''))}"
+            out[task] = (fields["JobState"], fields.get("ExitCode", "?"))
+    return out

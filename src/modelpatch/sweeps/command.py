@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-gb", type=int)
     p.add_argument("--gpus-per-task", type=int)
     p.add_argument("--sbatch", action="append", default=[], help="another #SBATCH option, e.g. --sbatch=--qos=low")
-    p.add_argument("--wait", action="store_true", help="return when every agent has ended (sbatch --wait)")
+    p.add_argument("--wait", action="store_true", help="return when every agent has ended")
     p.add_argument("--dry-run", action="store_true", help="write the script, do not submit it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
