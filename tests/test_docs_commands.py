@@ -609,8 +609,10 @@ def test_documented_command(cmd: Command, runner: Runner, record_property):
         record_property("not_run", NOT_RUN[cmd.text])
         pytest.skip(f"not run: {NOT_RUN[cmd.text]}")
     out = runner.run(cmd)
-    if any(program(c) == "train.py" for c in out.calls):
-        record_property("budget", " ".join(BUDGET))
+    train = [c for c in out.calls if program(c) == "train.py"]
+    if train:
+        search = any(a.startswith("hparams_search=") for c in train for a in c)
+        record_property("budget", " ".join(BUDGET + (SEARCH_BUDGET if search else [])))
     assert out.returncode == 0, out.report()
     assert not out.problems, out.report()
 
