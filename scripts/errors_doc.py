@@ -56,7 +56,15 @@ def _checkpoint_of_another_run(tmp: Path) -> None:
     cfg = compose_run_config([*BASE, "optim.lr=0.5", "patch=dw"], tmp / "out", tmp / "data")
     (tmp / "out" / "checkpoints").mkdir(parents=True, exist_ok=True)
     hp = {"meta": {"config": OmegaConf.to_container(cfg, resolve=True)}}
-    torch.save({"hyper_parameters": hp, "state_dict": {}}, tmp / "out" / "checkpoints" / "last.ckpt")
+    state = {"hyper_parameters": hp, "state_dict": {}, "loops": {}, "optimizer_states": []}
+    torch.save(state, tmp / "out" / "checkpoints" / "last.ckpt")
+
+
+def _half_written_checkpoint(tmp: Path) -> None:
+    """``<out>/checkpoints/last.ckpt`` cut in half, the only checkpoint of the run."""
+    _checkpoint_of_another_run(tmp)
+    last = tmp / "out" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
 
 
 CASES = [
@@ -80,6 +88,12 @@ CASES = [
         "optim.lr=0.5 in the checkpoint, 0.05 now",
         _checkpoint_of_another_run,
         note="resume (the default) from a `last.ckpt` in the output dir written with `optim.lr=0.5 patch=dw`",
+    ),
+    Case(
+        ["trainer.max_epochs=5"],
+        "no readable checkpoint",
+        _half_written_checkpoint,
+        note="resume from a `last.ckpt` cut in half (a writer that is not atomic, killed), the run's only checkpoint",
     ),
 ]
 

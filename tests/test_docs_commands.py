@@ -128,6 +128,10 @@ NOT_RUN = {
     "bash bench/run_all.sh --threads 1": BENCHMARK,
     "bash bench/run_all.sh --max-wait 0": BENCHMARK,
     ".venv/bin/python bench/step_time.py": BENCHMARK,
+    ".venv/bin/python bench/resume_exact.py": (
+        "8 runs of the transfer study, 3 killed and restarted 1-4 times (about 8 min with the pretraining): run "
+        "by hand (docs/clusters.md records its last run); tests/test_faults.py kills and compares tiny runs"
+    ),
     "python train.py -m hydra/launcher=slurm trainer=ddp trainer.devices=4 hydra.launcher.partition=gpu": (
         "needs a SLURM partition 'gpu' with 4 GPUs per node (the local cluster has 'debug', no GPU)"
     ),

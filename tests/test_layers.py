@@ -128,6 +128,22 @@ def test_modules_and_functions_are_short():
     assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines: {long_functions}"
 
 
+# a call that writes a file: through modelpatch.atomic's helper it writes the temporary file (``tmp``)
+WRITES = re.compile(r"\.write_text\(|\.write_bytes\(|savefig\(|torch\.save\(|save_file\(|open\([^)]*[\"'][wx]b?[\"']")
+
+
+def test_every_file_is_written_through_the_atomic_helper():
+    """A crash never leaves half a file in place: checkpoints, results, patches, logs, reports, sweep files."""
+    direct = []
+    for p in sorted((ROOT / "src").rglob("*.py")):
+        if p.name == "atomic.py":
+            continue
+        for n, line in enumerate(p.read_text().splitlines(), 1):
+            if WRITES.search(line) and "tmp" not in line:
+                direct.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not direct, "files written in place (use modelpatch.atomic.atomic_write):\n" + "\n".join(direct)
+
+
 def _targets(node) -> list[str]:
     if isinstance(node, dict):
         own = [node["_target_"]] if isinstance(node.get("_target_"), str) else []

@@ -23,6 +23,7 @@ from omegaconf.errors import InterpolationResolutionError
 import modelpatch.resolvers  # noqa: F401  (registers the mp.* resolvers the launcher configs use)
 from modelpatch.resolvers import wandb_run_id
 
+from .faults import run_state
 from .support import CLI_TINY, CONF, ROOT, train_py_slurm
 from .wandb_offline import read_offline_run
 
@@ -60,7 +61,8 @@ def wait_for(path: Path, driver: subprocess.Popen, timeout: float) -> None:
 def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slurm, tmp_path, data_dir, wandb_env):
     """Job 0 gets submitit's signal (SIGUSR2, as before a time limit or on preemption) after its first
     checkpoint; submitit requeues it, and the new attempt resumes from last.ckpt and continues its W&B run
-    (offline: both attempts under the same run id). Job 1 runs undisturbed."""
+    (offline: both attempts under the same run id). Job 1, the same run (same seed), runs undisturbed: both end
+    with the same weights, optimizer, patches, accuracies and metrics.csv rows (tests/faults.py)."""
     sweep = slurm
     epochs, steps_per_epoch = 4, 3
     replaced = ("trainer.max_epochs", "trainer.limit_train_batches")
@@ -72,7 +74,7 @@ def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slur
         "+callbacks.pace._target_=tests.pace.Pace",
         "+callbacks.pace.seconds_per_step=0.5",
         "+callbacks.pace.out=${paths.output_dir}",
-        "seed=0,1",
+        "seed=0,0",  # twins
         "logger=wandb",
         f"hydra.sweep.dir={sweep}",
         f"paths.data_dir={data_dir}",
@@ -106,6 +108,9 @@ def test_preempted_job_is_requeued_by_submitit_and_resumes_to_the_same_step(slur
         ckpt = torch.load(sweep / str(num) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         assert ckpt["global_step"] == total, (num, ckpt["global_step"])
         assert json.loads((sweep / str(num) / "results.json").read_text())["test_acc"] is not None
+    requeued, undisturbed = run_state(sweep / "0"), run_state(sweep / "1")
+    for key in ("last", "best", "patches", "accuracies", "metrics"):
+        assert requeued[key] == undisturbed[key], key
     attempts = {num: sorted((sweep / str(num) / "wandb").glob("offline-run-*")) for num in (0, 1)}
     ids = {num: [p.name.rsplit("-", 1)[1] for p in runs] for num, runs in attempts.items()}
     assert ids == {0: [wandb_run_id(str(sweep / "0"))] * 2, 1: [wandb_run_id(str(sweep / "1"))]}, ids

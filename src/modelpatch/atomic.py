@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, fsync: bool = False) -> Path:
@@ -20,7 +23,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, fs
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
     try:
         write(tmp)
         if fsync:
@@ -35,3 +38,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, fs
 def write_json(path: str | os.PathLike, obj: dict) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """The temporary files ``atomic_write`` left in ``folder`` when its process was killed mid-write (their
+    writer's process id no longer runs on this machine): half-written, never in place, safe to remove."""
+    stale = []
+    for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
+        match = re.fullmatch(rf"\..+\.(\d+){re.escape(TMP_SUFFIX)}", tmp.name)
+        if match and not _running(int(match.group(1))):
+            stale.append(tmp)
+    return sorted(stale)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True

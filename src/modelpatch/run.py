@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from modelpatch.atomic import write_json
+from modelpatch.atomic import atomic_write, write_json
 from modelpatch.cluster.jobs import cluster_trainer_kwargs, threads_per_job
 from modelpatch.cluster.ranks import is_launch_rank_zero
 from modelpatch.config import ConfigError
@@ -31,12 +31,7 @@ from modelpatch.files.results import RESULTS_FILE, make_results
 from modelpatch.models.backbones import PRETRAINED, check_backbone_name
 from modelpatch.models.patches import parse_kind, resolve_patch
 from modelpatch.training import transfer
-from modelpatch.training.checkpoints import (
-    NO_LAST_CHECKPOINT,
-    check_resume,
-    read_init_checkpoint,
-    resume_path,
-)
+from modelpatch.training.checkpoints import read_init_checkpoint
 from modelpatch.training.compiling import compile_backbone, compile_backend
 from modelpatch.training.console import quiet_lightning
 from modelpatch.training.distributed import check_distributed, ddp_strategy
@@ -44,6 +39,9 @@ from modelpatch.training.features import cache_features
 from modelpatch.training.loggers import setup_wandb, summarize_tested
 from modelpatch.training.module import PatchModule, TaskInfo
 from modelpatch.training.optim import OptimConfig, check_optim
+from modelpatch.training.resume import AtomicCheckpointIO, check_resume, resume_path
+from modelpatch.training.resume_state import ResumeState
+from modelpatch.training.seeds import StepSeeds
 from modelpatch.training.weights import load_backbone
 
 log = logging.getLogger("modelpatch")
@@ -91,7 +89,7 @@ def _save_and_print_config(cfg: DictConfig) -> None:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     text = OmegaConf.to_yaml(cfg, resolve=True)
-    (output_dir / "config.yaml").write_text(text)
+    atomic_write(output_dir / "config.yaml", lambda tmp: tmp.write_text(text))
     if cfg.get("extras", {}).get("print_config"):
         from rich.console import Console
         from rich.syntax import Syntax
@@ -238,10 +236,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         with warnings.catch_warnings():
             # frozen normalization layers (norm_stats=frozen, a fixed backbone) are in eval mode on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            warnings.filterwarnings("ignore", message=NO_LAST_CHECKPOINT)  # a fresh run
             # the datamodule resumes its sampler mid-epoch (TaskDataModule.state_dict), not the dataloader
             warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
-            trainer.fit(model, datamodule=datamodule, ckpt_path=resume_path(cfg), weights_only=True)
+            ckpt_path = resume_path(cfg, set_aside=is_launch_rank_zero())
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _floats(trainer.callback_metrics)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.get("train", True) and best:
@@ -262,19 +260,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 def make_trainer(cfg: DictConfig, datamodule: TaskDataModule, model: PatchModule) -> tuple[L.Trainer, list]:
     """The Trainer of ``cfg.trainer`` with the run's callbacks, loggers and DDP strategy; and the loggers."""
-    callbacks = instantiate_dict(cfg.get("callbacks"))
+    # seeds and state that make a resumed run the same run (docs/clusters.md: preemption and faults)
+    callbacks = [*instantiate_dict(cfg.get("callbacks")), StepSeeds(cfg.seed), ResumeState()]
     loggers = instantiate_dict(cfg.get("logger"))
     log.info(
         f"trainer: {cfg.trainer._target_}; callbacks: {[type(c).__name__ for c in callbacks]}; "
         f"loggers: {[type(lg).__name__ for lg in loggers]}; torch threads: {torch.get_num_threads()}"
     )
     strategy = ddp_strategy(cfg.trainer, model.mixing, model.trainable_tasks)
+    cluster = cluster_trainer_kwargs()
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
+        plugins=[AtomicCheckpointIO(), *cluster.pop("plugins", [])],
         **checkpointing_kwargs(cfg.trainer, callbacks),
-        **cluster_trainer_kwargs(),
+        **cluster,
         **({"strategy": strategy} if strategy is not None else {}),
     )
     if trainer.is_global_zero:

@@ -17,6 +17,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from modelpatch.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -88,7 +90,8 @@ class PoolLauncher(Launcher):
             job_folder = folder / str(idx)
             job_folder.mkdir(parents=True, exist_ok=True)
             data = cloudpickle.dumps((self.hydra_context, self.task_function, sweep_config, Singleton.get_state()))
-            (job_folder / "job.pkl").write_bytes(cloudpickle.dumps({"sys_path": list(sys.path), "job": data}))
+            job = cloudpickle.dumps({"sys_path": list(sys.path), "job": data})
+            atomic_write(job_folder / "job.pkl", lambda tmp, job=job: tmp.write_bytes(job))
             (job_folder / "result.pkl").unlink(missing_ok=True)
             argv = [
                 sys.executable,

@@ -2,15 +2,19 @@
 labels)}``), and nothing else; which tasks, and what an epoch is, the mixing mode says (``data.mixing``);
 ``describe_steps``, the line every run prints about them.
 
-``StepSampler`` yields each step's indices (``{task: [i, ...]}``) and ``StepDataset`` loads them. A run
-resumed mid-epoch continues the same (seeded) order: a checkpoint records the epoch and the steps done
-in it (``TaskDataModule.state_dict``), and the restarted sampler skips those (``StepSampler.resume``).
+``StepSampler`` yields each step's indices (``{task: [i, ...]}``, a ``Step``) and ``StepDataset`` loads them. A
+run resumed mid-epoch continues the same (seeded) order: a checkpoint records the epoch and the steps done
+in it (``TaskDataModule.state_dict``), and the restarted sampler skips those (``StepSampler.resume``). What a
+step draws while loading (augmentation) comes from generators seeded by the step (``Step.seed``), the same in
+the main process or any worker, resumed or not.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import random
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -21,9 +25,40 @@ from torch.utils.data import Dataset, DistributedSampler, default_collate
 from modelpatch.data.mixing import Mixing
 
 
+def derived_seed(*key: int) -> int:
+    """A 63-bit seed mixed from whole numbers (numpy's ``SeedSequence``): nearby keys give unrelated streams."""
+    return int(np.random.SeedSequence(list(key)).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 def _generator(seed: int, epoch: int, task: str, repeat: int) -> torch.Generator:
     key = [seed, epoch, zlib.crc32(task.encode()), repeat]  # by name: the same order in any mix of tasks
     return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1)[0]))
+
+
+class Step(dict):
+    """One step's indices, ``{task: [i, ...]}``, with the seed of what loading them draws (``seed``)."""
+
+    def __init__(self, indices: Mapping[str, list[int]], seed: int):
+        super().__init__(indices)
+        self.seed = seed
+
+    def __reduce__(self):  # to a DataLoader worker, seed included
+        return Step, (dict(self), self.seed)
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Python's, numpy's and torch's CPU generators seeded by ``seed`` inside, as they were after."""
+    state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state[0])
+            np.random.set_state(state[1])
 
 
 class StepSampler(DistributedSampler):
@@ -69,17 +104,20 @@ class StepSampler(DistributedSampler):
         self.epoch = epoch
         self._resume = (epoch, steps_done)
 
-    def __iter__(self) -> Iterator[dict[str, list[int]]]:
-        skip = 0
-        if self._resume is not None and self._resume[0] == self.epoch:
-            skip = self._resume[1]
-        self._resume = None
+    def set_epoch(self, epoch: int) -> None:
+        if self._resume is not None and self._resume[0] != epoch:
+            self._resume = None  # past the resumed epoch
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[Step]:
+        # every iteration of the resumed epoch skips (a DataLoader with workers iterates its sampler twice)
+        skip = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
         return itertools.islice(self._steps(self.epoch), skip, None)
 
-    def _steps(self, epoch: int) -> Iterator[dict[str, list[int]]]:
+    def _steps(self, epoch: int) -> Iterator[Step]:
         streams = {t: self._task_batches(t, epoch) for t in self.tasks if self.rank in self.groups[t]}
-        for tasks in self.schedule(epoch):
-            yield {t: next(streams[t]) for t in tasks}
+        for number, tasks in enumerate(self.schedule(epoch)):
+            yield Step({t: next(streams[t]) for t in tasks}, derived_seed(self.seed, epoch, number, self.rank, 1))
 
     def _task_batches(self, task: str, epoch: int) -> Iterator[list[int]]:
         """This rank's batches of ``task``: its share of a fresh permutation on each pass over the data."""
@@ -112,7 +150,8 @@ class StepDataset(Dataset):
         return sum(len(d) for d in self.datasets.values())
 
     def __getitem__(self, step: Mapping[str, Sequence[int]]):
-        return {task: _load(self.datasets[task], indices) for task, indices in step.items()}
+        with seeded(step.seed) if isinstance(step, Step) else contextlib.nullcontext():
+            return {task: _load(self.datasets[task], indices) for task, indices in step.items()}
 
 
 def _load(dataset: Dataset, indices: Sequence[int]):

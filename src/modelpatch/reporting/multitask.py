@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from modelpatch.atomic import atomic_write
 from modelpatch.config import override_key
 
 TASK_KEYS = ("task", "task.name", "task.tasks")  # overrides that only say which task a run trained
@@ -113,5 +114,5 @@ def plot_multitask(entries: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never over a point
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)

@@ -15,6 +15,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from modelpatch.atomic import atomic_write
 from modelpatch.config import override_key
 from modelpatch.files.results import RESULTS_FILE
 
@@ -146,10 +147,13 @@ def to_markdown(table: list[dict], columns: tuple[str, ...] = COLUMNS) -> str:
 
 
 def write_csv(table: list[dict], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(table)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(table)
+
+    atomic_write(path, write)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -216,7 +220,7 @@ def plot(means: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -238,7 +242,8 @@ def report(root: str | Path, out: str | Path | None = None, *, with_plot: bool =
     text = "## Mean over seeds (± sample std)\n\n" + to_markdown(means, MEAN_COLUMNS)
     if comparison:
         text += "\n## K tasks: one model with K patches against K separate models\n\n" + multitask_markdown(comparison)
-    (out / "report.md").write_text(text + "\n## Runs\n\n" + to_markdown(table))
+    markdown = text + "\n## Runs\n\n" + to_markdown(table)
+    atomic_write(out / "report.md", lambda tmp: tmp.write_text(markdown))
     write_csv(table, out / "report.csv")
     write_csv(means, out / "report_mean.csv", MEAN_COLUMNS)
     if with_plot:

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from modelpatch.atomic import atomic_write
 from modelpatch.sweeps.agents import AgentResources, agent_command, sbatch_script, submit
 from modelpatch.sweeps.folder import agent, open_sweep
 from modelpatch.sweeps.overrides import SweepError, program_command
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         resources.extra = args.sbatch
         logs.mkdir(parents=True, exist_ok=True)
         script = logs / "agents.sbatch"
-        script.write_text(sbatch_script(agent_command(target, args.count), args.agents, logs, resources, name))
+        text = sbatch_script(agent_command(target, args.count), args.agents, logs, resources, name)
+        atomic_write(script, lambda tmp: tmp.write_text(text))
         print(f"written: {script}")
         if not args.dry_run:
             job = submit(script, wait=args.wait)

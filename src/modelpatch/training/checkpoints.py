@@ -1,5 +1,5 @@
-"""Checkpoints: reading a backbone or tasks out of a run's checkpoint, resuming, and ``init_from``.
-Where a checkpoint keeps what: ``training.state_keys``."""
+"""Checkpoints: reading a backbone or tasks out of a run's checkpoint, and ``init_from`` (resuming:
+``training.resume``). Where a checkpoint keeps what: ``training.state_keys``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from modelpatch.config import ConfigError
 from modelpatch.models.backbones import PRETRAINED, BackboneError
@@ -73,90 +73,6 @@ def load_tasks_from_checkpoint(model: PatchModule, state: Mapping[str, torch.Ten
         )
     model.load_state_dict(dict(state), strict=False)
     return loaded_tasks
-
-
-def resume_path(cfg: DictConfig) -> str | None:
-    """What ``Trainer.fit`` resumes from: ``ckpt_path``; else, with ``resume: true``, Lightning's ``"last"``
-    (the newest ``last.ckpt`` of the run's ModelCheckpoint folder, ``<output_dir>/checkpoints``; nothing
-    on a fresh run, with the warning ``NO_LAST_CHECKPOINT``)."""
-    if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    return "last" if cfg.get("resume", True) else None
-
-
-NO_LAST_CHECKPOINT = r'.*ckpt_path="last"\) is set, but there is no last checkpoint available'
-
-# The options a resumed run must share with the run that wrote its checkpoint (others, such as
-# trainer.max_epochs, devices or loggers, may change on resume).
-RESUME_KEYS = (
-    "backbone",
-    "patch",
-    "task",
-    "optim",
-    "data.batch_size",
-    "seed",
-    "channels_last",
-    "lean_backward",
-    "init_from",
-    "trainer.precision",
-    "trainer.accumulate_grad_batches",
-)
-
-
-def resume_file(cfg: DictConfig) -> Path | None:
-    """The checkpoint file ``resume_path`` makes Lightning resume from, if it exists."""
-    path = resume_path(cfg)
-    if path is None:
-        return None
-    if path != "last":
-        return Path(to_absolute_path(path))
-    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
-    last = Path(checkpoint.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints") / "last.ckpt"
-    return last if last.is_file() else None
-
-
-def check_resume(cfg: DictConfig) -> None:
-    """Refuse to resume from a checkpoint written under other options (``RESUME_KEYS``), naming each."""
-    path = resume_file(cfg)
-    if path is None or not path.is_file():
-        return
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        saved = ckpt["hyper_parameters"]["meta"]["config"]
-    except Exception as err:
-        raise ConfigError(
-            f"cannot resume from {path}: not a modelpatch checkpoint ({type(err).__name__}); "
-            "delete it or run with resume=false to start fresh"
-        ) from err
-    now = OmegaConf.to_container(cfg, resolve=True)
-    diffs = []
-    for key in RESUME_KEYS:
-        before, after = _lookup(saved, key), _lookup(now, key)
-        if before != after:
-            diffs.extend(_differences(key, before, after))
-    if diffs:
-        how = "drop ckpt_path" if cfg.get("ckpt_path") else f"resume=false to start fresh (overwrites {path.parent})"
-        raise ConfigError(
-            f"cannot resume from {path}: it was written with other options: {'; '.join(diffs)}. "
-            f"Run with the checkpoint's options to resume, or {how}"
-        )
-
-
-def _lookup(tree: object, key: str) -> object:
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, Mapping) else None
-    return tree
-
-
-def _differences(key: str, before: object, after: object) -> list[str]:
-    """``key: <checkpoint> in the checkpoint, <now> now`` for each differing leaf."""
-    if isinstance(before, Mapping) and isinstance(after, Mapping):
-        out = []
-        for k in sorted(set(before) | set(after), key=str):
-            if before.get(k) != after.get(k):
-                out.extend(_differences(f"{key}.{k}", before.get(k), after.get(k)))
-        return out
-    return [f"{key}={before!r} in the checkpoint, {after!r} now"]
 
 
 def read_init_checkpoint(cfg: DictConfig) -> tuple[dict, dict, str] | None:

@@ -19,6 +19,7 @@ from modelpatch.data.specs import check_task_names
 from modelpatch.models.backbones import Backbone
 from modelpatch.models.multitask_forward import forward_mixed
 from modelpatch.models.patches import Patch, PatchedBackbone, unmangle
+from modelpatch.training.csv_log import CSVLogger
 from modelpatch.training.metrics import TaskMeanAccuracy, TaskTrainStats
 from modelpatch.training.optim import OptimConfig, check_optim, make_optimizer, rate, warmup_cosine
 from modelpatch.training.state_keys import patch_key
@@ -98,6 +99,7 @@ class PatchModule(L.LightningModule):
         self.val_mean_acc = TaskMeanAccuracy(len(tasks))
         self.test_mean_acc = TaskMeanAccuracy(len(tasks))
         self.val_acc_best = MaxMetric()  # best val/acc so far: what ModelCheckpoint keeps and tests
+        self.last_train_epoch: dict[str, torch.Tensor] | None = None
         self.save_hyperparameters(
             {
                 "backbone": {
@@ -205,19 +207,14 @@ class PatchModule(L.LightningModule):
         """The factor of ``task``'s loss under DDP (``Mixing.loss_scale``)."""
         return self.mixing.loss_scale(task, self.trainable_tasks, self.trainer.world_size)
 
-    def on_train_start(self) -> None:
-        # the sanity check's validation does not count; a resumed run starts from its checkpoint's best
-        self.val_acc_best.reset()
-        ckpt = self.trainer.checkpoint_callback
-        if ckpt is not None and getattr(ckpt, "monitor", None) == "val/acc" and ckpt.best_model_score is not None:
-            self.val_acc_best.update(ckpt.best_model_score.to(self.device))
-
     def on_fit_start(self) -> None:
         self.mixing.rank_tasks(self.trainable_tasks, self.trainer.world_size)  # fail early (too few devices)
+        loggers = self.loggers
         if self.trainer.ckpt_path:
             log.info(f"resuming from {self.trainer.ckpt_path}")
+            loggers = [lg for lg in loggers if not isinstance(lg, CSVLogger)]  # its rows before the checkpoint stay
         counts = {f"params/{k}": float(v) for k, v in self.parameter_counts().items()}
-        for logger in self.loggers:
+        for logger in loggers:
             logger.log_metrics(counts, step=0)
 
     def on_validation_epoch_start(self) -> None:
@@ -228,9 +225,10 @@ class PatchModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         # Logged here, not per step: one key fed by several dataloaders is refused by Lightning.
-        self.val_acc_best.update(self.val_mean_acc.compute())
+        if not self.trainer.sanity_checking:  # the sanity check's validation does not count
+            self.val_acc_best.update(self.val_mean_acc.compute())
+            self.log("val/acc_best", self.val_acc_best.compute())
         self.log("val/acc", self.val_mean_acc, prog_bar=True)
-        self.log("val/acc_best", self.val_acc_best.compute())
 
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.test_mean_acc)
@@ -288,16 +286,21 @@ class PatchModule(L.LightningModule):
         return self.trainer.progress_bar_callback is not None or (every > 0 and (self.global_step + 1) % every == 0)
 
     def on_train_epoch_end(self) -> None:
-        # compute() syncs across ranks, so every rank must call it, trained tasks or not; the values
-        # are then the same on every rank (logged on rank 0 only). A run resumed mid-epoch counts
-        # only that epoch's batches after the restart (the sums are not checkpointed).
+        self.last_train_epoch = self.train_epoch_metrics()  # kept for a checkpoint of the epoch's end
+        for key, value in self.last_train_epoch.items():
+            self.log(key, value, rank_zero_only=True)
+
+    def train_epoch_metrics(self) -> dict[str, torch.Tensor]:
+        """Each trained task's mean loss and accuracy over the epoch; the sums start over. ``compute()`` syncs
+        across ranks, so every rank calls this, trained tasks or not (the values are then the same on all)."""
         # reshape: torchmetrics squeezes one-element results (one task) to 0-d tensors
         losses, accs, totals = (t.reshape(-1) for t in self.train_stats.compute())
         self.train_stats.reset()
+        out = {}
         for i, task in enumerate(self.task_names):
             if totals[i] > 0:
-                self.log(f"train/{task}/loss", losses[i], rank_zero_only=True)
-                self.log(f"train/{task}/acc", accs[i], rank_zero_only=True)
+                out.update({f"train/{task}/loss": losses[i], f"train/{task}/acc": accs[i]})
+        return out
 
     def _eval_step(self, stage: str, batch, dataloader_idx: int) -> None:
         images, labels = batch
