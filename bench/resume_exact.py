@@ -61,7 +61,7 @@ def main() -> None:
         run([sys.executable, "train.py", "experiment=pretrain_fmnist_a", f"hydra.run.dir={pretrain}", *QUIET])
         source = pretrain / "checkpoints" / "last.ckpt"
     transfer = [
-        "experiment=transfer_fmnist_b", "patch=bn", f"backbone.weights={source}", "task.train_size=1000",
+        "patch=bn", f"backbone.weights={source}", "task.train_size=1000",
         "trainer.max_epochs=4", *QUIET,
     ]  # fmt: skip
     start = time.time()

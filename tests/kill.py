@@ -7,7 +7,8 @@ it: no ``finally``, no flush, no atexit) at a point the test chooses, once per r
 - ``epoch_start``: when epoch ``step`` starts (after the previous epoch's validation and checkpoints);
 - ``checkpoint_write``: while ``file`` is being written after ``step`` steps, half of its bytes on disk;
 - ``between_tasks``: inside training step ``step``, after the first task's forward pass, before the next
-  task's (a ``task=multi`` step trains several).
+  task's (a ``task=multi`` step trains several);
+- ``test``: inside the test of the best checkpoint, after training (``step`` unused).
 
 ``marker`` records that the kill happened, so that the restarted run (the same command) goes on.
 """
@@ -28,7 +29,7 @@ def die() -> None:
 
 class KillAt(Callback):
     def __init__(self, at: str, step: int, marker: str, file: str = "last.ckpt"):
-        if at not in ("step", "validation", "epoch_start", "checkpoint_write", "between_tasks"):
+        if at not in ("step", "validation", "epoch_start", "checkpoint_write", "between_tasks", "test"):
             raise ValueError(f"KillAt: unknown point {at!r}")
         self.at, self.step, self.file = at, step, file
         self.marker = Path(marker)
@@ -65,6 +66,10 @@ class KillAt(Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if self.armed and self.at == "validation" and not trainer.sanity_checking and trainer.global_step >= self.step:
+            self._kill()
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if self.armed and self.at == "test":
             self._kill()
 
 

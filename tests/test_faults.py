@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import socket
 from pathlib import Path
 
 import pytest
@@ -37,13 +38,14 @@ def assert_same_run(killed: dict, reference: dict) -> None:
 
 
 # Single task, a checkpoint every 2 steps (mid-epoch resumes), augmentation drawn in 2 DataLoader workers:
-# 3 epochs of 4 steps. Killed after 3 steps, in the validation after step 5 (epoch 1's), when epoch 2 starts,
-# and halfway through writing last.ckpt at step 10; then last.ckpt is truncated before the last start.
+# 3 epochs of 4 steps. Killed after 3 steps, in the validation after step 5 (epoch 1's), and halfway through
+# writing last.ckpt at step 10; then last.ckpt is truncated before the last start. (An epoch's start: the
+# multi-task test.)
 SINGLE = [
     "task=fmnist_b", "task.train_size=128", "+task.augment=true", "data.num_workers=2",
     "trainer.max_epochs=3", "++trainer.limit_train_batches=4", "callbacks.model_checkpoint.every_n_train_steps=2",
 ]  # fmt: skip
-SINGLE_KILLS = [("step", 3), ("validation", 5), ("epoch_start", 2), ("checkpoint_write", 10)]
+SINGLE_KILLS = [("step", 3), ("validation", 5), ("checkpoint_write", 10)]
 
 
 @pytest.mark.slow
@@ -82,13 +84,14 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, data_d
 @pytest.mark.timeout(600)
 def test_a_multitask_run_killed_between_tasks_resumes_to_the_uninterrupted_run(tmp_path, data_dir, trained_source):
     """Three tasks a step (task=multi), a checkpoint per epoch: killed inside a step between two tasks' forward
-    passes (epoch 0 and 1), and when epoch 1 starts."""
+    passes, when epoch 1 starts, and in the test after training (resumed after the final checkpoint: Lightning
+    skips the training loop)."""
     args = args_for(data_dir, trained_source, *SMALL_MIX, "trainer.max_epochs=2", "++trainer.limit_train_batches=4")
     reference = tmp_path / "reference"
     proc = train_py(*args, f"hydra.run.dir={reference}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     killed = tmp_path / "killed"
-    run_killed(killed, args, [("between_tasks", 2), ("epoch_start", 1), ("between_tasks", 6)])
+    run_killed(killed, args, [("between_tasks", 2), ("epoch_start", 1), ("test", 0)])
     state = run_state(killed)
     assert len(state["accuracies"]) == 3 and len(state["patches"]) == 3
     assert_same_run(state, run_state(reference))
@@ -97,8 +100,7 @@ def test_a_multitask_run_killed_between_tasks_resumes_to_the_uninterrupted_run(t
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_ddp_run_killed_on_every_rank_resumes_to_the_uninterrupted_run(tmp_path, data_dir, trained_source):
-    """Two CPU ranks, one thread each: every rank killed after 3 steps (resumed from step 2 of 4, mid-epoch) and
-    inside the first epoch's validation."""
+    """Two CPU ranks, one thread each: every rank killed after 3 steps (resumed from step 2 of 4, mid-epoch)."""
     args = args_for(
         data_dir, trained_source, *SMALL_MIX, "trainer.max_epochs=2", "++trainer.limit_train_batches=4",
         "trainer.devices=2", "trainer.strategy=ddp", "callbacks.model_checkpoint.every_n_train_steps=2",
@@ -108,7 +110,7 @@ def test_a_ddp_run_killed_on_every_rank_resumes_to_the_uninterrupted_run(tmp_pat
     proc = train_py(*args, f"hydra.run.dir={reference}", env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     killed = tmp_path / "killed"
-    run_killed(killed, args, [("step", 3), ("validation", 4)], env=env)
+    run_killed(killed, args, [("step", 3)], env=env)
     assert_same_run(run_state(killed), run_state(reference))
 
 
@@ -139,8 +141,10 @@ def test_an_unreadable_last_checkpoint_is_passed_over_for_the_newest_readable_on
         read_resumable(newer)
     choice = choose_resume(cfg)
     assert choice.path == step and [p for p, _ in choice.unreadable] == [last, newer]
-    dead, alive = folder / ".last.ckpt.4194304.tmp", folder / f".last.ckpt.{os.getpid()}.tmp"  # > pid_max
-    for tmp in (dead, alive):
+    host = socket.gethostname()
+    dead = folder / f".last.ckpt.4194304@{host}.tmp"  # above any pid_max
+    alive, elsewhere = folder / f".last.ckpt.{os.getpid()}@{host}.tmp", folder / f".last.ckpt.4194304@x{host}.tmp"
+    for tmp in (dead, alive, elsewhere):
         tmp.write_bytes(b"half")
     assert resume_path(cfg, set_aside=False) == str(step)
     assert dead.exists() and last.exists()  # untouched by a process that does not set aside
@@ -152,7 +156,7 @@ def test_an_unreadable_last_checkpoint_is_passed_over_for_the_newest_readable_on
         check_resume(cfg)
 
     assert resume_path(cfg) == str(step)
-    assert not dead.exists() and alive.exists()  # a write still running is left alone
+    assert not dead.exists() and alive.exists() and elsewhere.exists()  # running, or another machine's: kept
     assert not last.exists() and not newer.exists()
     assert (folder / "last.ckpt.unreadable").is_file() and (folder / "epoch1.ckpt.unreadable").is_file()
 

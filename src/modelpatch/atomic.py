@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, fs
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}{TMP_SUFFIX}")
     try:
         write(tmp)
         if fsync:
@@ -41,12 +42,12 @@ def write_json(path: str | os.PathLike, obj: dict) -> Path:
 
 
 def stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """The temporary files ``atomic_write`` left in ``folder`` when its process was killed mid-write (their
-    writer's process id no longer runs on this machine): half-written, never in place, safe to remove."""
-    stale = []
+    """The temporary files ``atomic_write`` left in ``folder`` when its process was killed mid-write (written on
+    this machine by a process that no longer runs): half-written, never in place, safe to remove."""
+    stale, host = [], socket.gethostname()
     for tmp in Path(folder).glob(f".*{TMP_SUFFIX}"):
-        match = re.fullmatch(rf"\..+\.(\d+){re.escape(TMP_SUFFIX)}", tmp.name)
-        if match and not _running(int(match.group(1))):
+        match = re.fullmatch(rf"\..+\.(\d+)@(.+){re.escape(TMP_SUFFIX)}", tmp.name)
+        if match and match.group(2) == host and not _running(int(match.group(1))):
             stale.append(tmp)
     return sorted(stale)
 

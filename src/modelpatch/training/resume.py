@@ -5,6 +5,7 @@ never leaves half of one in place."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ RESUME_KEYS = (
     "trainer.accumulate_grad_batches",
 )
 UNREADABLE = ".unreadable"
+NOT_ABOUT_THE_FILE = {errno.EIO, errno.ENOMEM, errno.EACCES, errno.EPERM, errno.ENFILE, errno.EMFILE}
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -94,10 +96,13 @@ def checkpoint_dir(cfg: DictConfig) -> Path:
 def resume_candidates(folder: Path) -> list[Path]:
     """The checkpoints a run may resume from, in the order they are tried: ``last.ckpt``, the other ones
     (step or epoch checkpoints) newest first, ``best.ckpt``."""
-    files = [p for p in folder.glob("*.ckpt") if p.is_file()] if folder.is_dir() else []
-    last = [p for p in files if p.name == "last.ckpt"]
-    best = [p for p in files if p.name == "best.ckpt"]
-    others = sorted((p for p in files if p.name not in ("last.ckpt", "best.ckpt")), key=lambda p: -p.stat().st_mtime)
+    mtimes = {}
+    for p in folder.glob("*.ckpt") if folder.is_dir() else ():
+        with contextlib.suppress(FileNotFoundError):  # set aside meanwhile by another process of the run
+            mtimes[p] = p.stat().st_mtime
+    last = [p for p in mtimes if p.name == "last.ckpt"]
+    best = [p for p in mtimes if p.name == "best.ckpt"]
+    others = sorted((p for p in mtimes if p.name not in ("last.ckpt", "best.ckpt")), key=lambda p: -mtimes[p])
     return last + others + best
 
 
@@ -112,14 +117,23 @@ def read_resumable(path: Path) -> dict:
     except Exception:
         try:  # read as a whole for the reason (mapping a file cut short fails without one)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except (MemoryError, FileNotFoundError):
+            raise
+        except OSError as err:
+            if err.errno in NOT_ABOUT_THE_FILE:  # the machine, not the file: do not set a good checkpoint aside
+                raise
+            raise ValueError(f"unreadable (cut short, or not a torch file): {_reason(err)}") from err
         except Exception as err:
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0].split('. ')[0][:160]}"
-            raise ValueError(f"unreadable (cut short, or not a torch file): {reason}") from err
+            raise ValueError(f"unreadable (cut short, or not a torch file): {_reason(err)}") from err
     if not isinstance(ckpt, Mapping) or "loops" not in ckpt or "optimizer_states" not in ckpt:
         raise ValueError("no training state (loops, optimizer) in it: a weights-only checkpoint")
     if not isinstance(ckpt.get("hyper_parameters", {}).get("meta", {}).get("config"), Mapping):
         raise ValueError("not a modelpatch checkpoint (no run config in its hyper-parameters)")
     return ckpt
+
+
+def _reason(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0].split('. ')[0][:160]}"
 
 
 def choose_resume(cfg: DictConfig) -> ResumeChoice:

@@ -29,6 +29,7 @@ class ResumeState(Callback):
     def __init__(self):
         self.trainer = self.module = None
         self.restored: dict | None = None
+        self.fitted = False  # fit has run in this process (validate/test then keep its log)
 
     def _unwritten_epoch_metrics(self) -> tuple[int, int, dict[str, float]] | None:
         """(epoch, step, metrics) of an epoch whose end is running: its metrics computed, not yet logged."""
@@ -38,43 +39,53 @@ class ResumeState(Callback):
         metrics = {k: float(v) for k, v in self.module.last_train_epoch.items()}
         return self.trainer.current_epoch, self.trainer.global_step - 1, metrics
 
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        self.trainer, self.module = trainer, pl_module
-
     def state_dict(self) -> dict:
         if self.module is None:
             return {}
         stats = self.module.train_stats
-        rows = [lg.rows_written() for lg in self.trainer.loggers if isinstance(lg, CSVLogger)]
+        csv = [lg for lg in self.trainer.loggers if isinstance(lg, CSVLogger)]
+        rows = csv[0].rows_written() if csv else None  # rank zero's (it writes the log); None elsewhere
         return {
             "val_acc_best": self.module.val_acc_best.max_value.detach().cpu().clone(),
             "train_sums": {name: _gather(getattr(stats, name)) for name in SUMS},
-            "csv_rows": rows[0] if rows and rows[0] is not None else 0,  # rank zero's (it writes the log)
+            "csv_rows": rows or 0,
+            "csv_dir": csv[0].log_dir if csv else None,
             "unwritten_epoch_metrics": self._unwritten_epoch_metrics(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.restored = dict(state) or None
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        rows = self.restored["csv_rows"] if self.restored else 0  # a fresh run starts the log afresh
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger):
-                logger.keep_rows(rows)
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer, self.module = trainer, pl_module
+        if stage != "fit" and not self.fitted:  # only evaluating (train=false): a log of its own
+            self.fitted = True
+            self._keep_csv_rows(trainer, 0, None)
 
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Restore (here: Lightning skips the training loop, and its hooks, of a run resumed after its final
+        checkpoint) and cut the CSV log back to the checkpoint's rows (all, for a fresh run)."""
+        self.fitted = True
+        restored, self.restored = self.restored or {}, None
+        self._keep_csv_rows(trainer, restored.get("csv_rows", 0), restored.get("csv_dir"))
         pl_module.val_acc_best.reset()
         pl_module.train_stats.reset()
-        if not self.restored:
+        if not restored:
             return
-        pl_module.val_acc_best.update(self.restored["val_acc_best"].to(pl_module.device))
-        rank = trainer.global_rank
-        for name, per_rank in self.restored["train_sums"].items():
-            if rank < len(per_rank):
-                setattr(pl_module.train_stats, name, per_rank[rank].to(pl_module.device))
-        unwritten = self.restored["unwritten_epoch_metrics"]
+        pl_module.val_acc_best.update(restored["val_acc_best"].to(pl_module.device))
+        for name, per_rank in restored["train_sums"].items():
+            if trainer.global_rank < len(per_rank):
+                setattr(pl_module.train_stats, name, per_rank[trainer.global_rank].to(pl_module.device))
+        unwritten = restored["unwritten_epoch_metrics"]
         if unwritten is not None and trainer.is_global_zero:
             epoch, step, metrics = unwritten
             for logger in trainer.loggers:
                 logger.log_metrics({**metrics, "epoch": epoch}, step=step)
-        self.restored = None
+
+    @staticmethod
+    def _keep_csv_rows(trainer, rows: int, written_in: str | None) -> None:
+        """Keep the log's first ``rows`` rows if the checkpoint was written with this log (``ckpt_path`` from
+        another run's folder: none)."""
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                logger.keep_rows(rows if written_in == logger.log_dir else 0)
