@@ -38,14 +38,14 @@ def assert_same_run(killed: dict, reference: dict) -> None:
 
 
 # Single task, a checkpoint every 2 steps (mid-epoch resumes), augmentation drawn in 2 DataLoader workers:
-# 3 epochs of 4 steps. Killed after 3 steps, in the validation after step 5 (epoch 1's), and halfway through
-# writing last.ckpt at step 10; then last.ckpt is truncated before the last start. (An epoch's start: the
-# multi-task test.)
+# 3 epochs of 4 steps. Killed in the validation after step 3 (epoch 0's: resumed from step 2), when epoch 2
+# starts, halfway through writing last.ckpt at step 10, and in the test after training (resumed after the final
+# checkpoint: Lightning skips training); then last.ckpt is cut in half before the last start.
 SINGLE = [
     "task=fmnist_b", "task.train_size=128", "+task.augment=true", "data.num_workers=2",
     "trainer.max_epochs=3", "++trainer.limit_train_batches=4", "callbacks.model_checkpoint.every_n_train_steps=2",
 ]  # fmt: skip
-SINGLE_KILLS = [("step", 3), ("validation", 5), ("checkpoint_write", 10)]
+SINGLE_KILLS = [("validation", 3), ("epoch_start", 2), ("checkpoint_write", 10), ("test", 0)]
 
 
 @pytest.mark.slow
@@ -59,20 +59,20 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, data_d
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.ckpt"
 
-    def truncate_last(restart: int) -> None:
-        if restart != len(SINGLE_KILLS):
-            return
-        # the write killed halfway left a temporary file; last.ckpt is the one before, whole
-        assert [p.name.split(".")[1:3] for p in last.parent.glob(".*.tmp")] == [["last", "ckpt"]]
-        assert read_resumable(last)["global_step"] == 8
-        with open(last, "r+b") as f:  # what a writer that is not atomic leaves when killed
-            f.truncate(last.stat().st_size // 2)
+    def before_restart(restart: int) -> None:
+        if restart == 3:  # the write killed halfway left a temporary file; last.ckpt is the one before, whole
+            assert [p.name.split(".")[1:3] for p in last.parent.glob(".*.tmp")] == [["last", "ckpt"]]
+            assert read_resumable(last)["global_step"] == 8
+        if restart == 4:
+            assert read_resumable(last)["global_step"] == 12  # the final one
+            with open(last, "r+b") as f:  # what a writer that is not atomic leaves when killed
+                f.truncate(last.stat().st_size // 2)
 
-    logs = run_killed(killed, args, SINGLE_KILLS, before_restart=truncate_last)
+    logs = run_killed(killed, args, SINGLE_KILLS, before_restart=before_restart)
     assert_same_run(run_state(killed), run_state(reference))
     for i, log in enumerate(logs[1:], 1):
         assert "resuming from" in log, f"attempt {i} did not resume"
-    assert "a checkpoint a killed process left half-written" in logs[-1]
+    assert "a checkpoint a killed process left half-written" in logs[3]
     assert not list(last.parent.glob(".*.tmp"))
     assert f"cannot resume from {last}: unreadable" in logs[-1]
     assert f"resuming from {last.parent / 'best.ckpt'} instead" in logs[-1]
@@ -82,36 +82,23 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, data_d
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_multitask_run_killed_between_tasks_resumes_to_the_uninterrupted_run(tmp_path, data_dir, trained_source):
-    """Three tasks a step (task=multi), a checkpoint per epoch: killed inside a step between two tasks' forward
-    passes, when epoch 1 starts, and in the test after training (resumed after the final checkpoint: Lightning
-    skips the training loop)."""
-    args = args_for(data_dir, trained_source, *SMALL_MIX, "trainer.max_epochs=2", "++trainer.limit_train_batches=4")
-    reference = tmp_path / "reference"
-    proc = train_py(*args, f"hydra.run.dir={reference}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    killed = tmp_path / "killed"
-    run_killed(killed, args, [("between_tasks", 2), ("epoch_start", 1), ("test", 0)])
-    state = run_state(killed)
-    assert len(state["accuracies"]) == 3 and len(state["patches"]) == 3
-    assert_same_run(state, run_state(reference))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_ddp_run_killed_on_every_rank_resumes_to_the_uninterrupted_run(tmp_path, data_dir, trained_source):
-    """Two CPU ranks, one thread each: every rank killed after 3 steps (resumed from step 2 of 4, mid-epoch)."""
+def test_a_multitask_ddp_run_killed_on_every_rank_resumes_to_the_uninterrupted_run(tmp_path, data_dir, trained_source):
+    """Three tasks a step (task=multi) on two CPU ranks, one thread each (2 epochs of 2 steps), a checkpoint every
+    step; every rank killed after 1 step, and inside step 3 between two tasks' forward passes (both resumed
+    mid-epoch)."""
     args = args_for(
         data_dir, trained_source, *SMALL_MIX, "trainer.max_epochs=2", "++trainer.limit_train_batches=4",
-        "trainer.devices=2", "trainer.strategy=ddp", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.devices=2", "trainer.strategy=ddp", "callbacks.model_checkpoint.every_n_train_steps=1",
     )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
     proc = train_py(*args, f"hydra.run.dir={reference}", env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     killed = tmp_path / "killed"
-    run_killed(killed, args, [("step", 3)], env=env)
-    assert_same_run(run_state(killed), run_state(reference))
+    run_killed(killed, args, [("step", 1), ("between_tasks", 3)], env=env)
+    state = run_state(killed)
+    assert len(state["accuracies"]) == 3 and len(state["patches"]) == 3
+    assert_same_run(state, run_state(reference))
 
 
 def write_checkpoint_dir(make_cfg, tmp_path):
