@@ -41,6 +41,8 @@ SIZE = 32
 # ("task": every task owns its BatchNorm statistics), and logits with shared statistics.
 CASES = (
     ("bn", "bn", "task"),
+    ("dw", "dw", "task"),
+    ("bias", "bias", "task"),
     ("bn+dw", "bn+dw", "task"),
     ("logits", "logits", "task"),
     ("logits, norm_stats=frozen", "logits", "frozen"),

@@ -128,9 +128,11 @@ NOT_RUN = {
     "bash bench/run_all.sh --threads 1": BENCHMARK,
     "bash bench/run_all.sh --max-wait 0": BENCHMARK,
     ".venv/bin/python bench/step_time.py": BENCHMARK,
+    ".venv/bin/python bench/mask_bytes.py --threads 2 --rounds 7": BENCHMARK,
     ".venv/bin/python bench/resume_exact.py": (
-        "8 runs of the transfer study, 3 killed and restarted 1-4 times (about 8 min with the pretraining): run "
-        "by hand (docs/clusters.md records its last run); tests/test_faults.py kills and compares tiny runs"
+        "11 starts of the transfer run (twice uninterrupted, 3 runs killed and restarted 1-4 times; about 2 min "
+        "after a 95 s pretraining): run by hand (docs/clusters.md records its last run); tests/test_faults.py kills "
+        "and compares tiny runs"
     ),
     "python train.py -m hydra/launcher=slurm trainer=ddp trainer.devices=4 hydra.launcher.partition=gpu": (
         "needs a SLURM partition 'gpu' with 4 GPUs per node (the local cluster has 'debug', no GPU)"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from modelpatch.models import bitmask
 from modelpatch.models.memory import LeanBatchNorm2d, LeanConv2d, LeanReLU, LeanReLU6, _MaskedClamp, use_memory_savers
 from modelpatch.models.multitask_forward import forward_mixed
 from modelpatch.models.patches import resolve_patch
@@ -83,7 +84,7 @@ def test_each_saver_cuts_what_it_should_on_mobilenet_v2():
     # every convolution and BatchNorm input is read by a trained weight; ReLU6 keeps a mask, not a
     # copy of its input
     assert 0.7 * full < step("mobilenet_v2", "full", lean=True)[1] < 0.8 * full
-    # frozen convolutions and BatchNorm keep nothing, each ReLU6 a 1-byte mask
+    # frozen convolutions and BatchNorm keep nothing, each ReLU6 a 1-bit mask
     assert step("mobilenet_v2", "bias@frozen", lean=True)[1] < 0.12 * full
     # BatchNorm with batch statistics keeps its input for every gradient; ReLU6s keep masks
     assert step("mobilenet_v2", "bn", lean=True)[1] < 0.5 * full
@@ -127,9 +128,14 @@ def test_a_relu_output_read_by_a_trained_weight_is_kept_not_masked():
 
 @pytest.mark.parametrize("max_val", [None, 6.0])
 @pytest.mark.parametrize("inplace", [False, True])
-def test_masked_relu_matches_pytorch_on_edge_values(max_val, inplace):
+@pytest.mark.parametrize(("shape", "layout"), [((2, 5, 2, 2), "channels_last"), ((3, 5, 3, 3), "nchw"),
+                                               ((3, 5, 3, 3), "channels_last")])  # fmt: skip
+def test_masked_relu_matches_pytorch_on_edge_values(max_val, inplace, shape, layout):
+    """Every edge value in every position (135 elements: not a whole number of bytes of bits)."""
     values = torch.tensor([-1.0, -0.0, 0.0, 1e-45, 3.0, 6.0, 6.5, float("inf"), float("-inf"), float("nan")])
-    x = values.repeat(4).view(2, 5, 2, 2).contiguous(memory_format=torch.channels_last)
+    x = values.repeat(14)[: torch.Size(shape).numel()].view(shape)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.linspace(-2, 2, x.numel()).view_as(x)
 
     def run(fn):
@@ -149,6 +155,28 @@ def test_masked_relu_matches_pytorch_on_edge_values(max_val, inplace):
     # the mask, taken in the forward, follows the input's.
     real = ~x.isnan()
     assert torch.equal(got[1][real], ref[1][real]) and got[1].stride() == ref[1].stride()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: torch.rand(3, 5, 7, 9, generator=g) > 0.5,  # 945 elements: 118 bytes and one bit
+        lambda g: (torch.rand(3, 5, 7, 9, generator=g) > 0.5).contiguous(memory_format=torch.channels_last),
+        lambda g: (torch.rand(4, 6, 5, generator=g) > 0.3).permute(2, 0, 1),  # any dense order
+        lambda g: torch.ones(1, 1, 1, 1, dtype=torch.bool),
+        lambda g: torch.rand(2, 0, 3, generator=g) > 0.5,
+    ],
+    ids=["nchw-odd", "channels-last-odd", "permuted", "one", "empty"],
+)
+def test_a_packed_mask_comes_back_with_its_values_and_strides(make):
+    mask = make(torch.Generator().manual_seed(0))
+    packed = bitmask.pack(mask.to(torch.float32))
+    assert packed.nbytes == -(-mask.numel() // 8)
+    assert torch.equal(packed.bits, bitmask._pack_torch(mask.permute(packed.order).reshape(-1)))  # CUDA's way
+    for dtype in (torch.float32, torch.bfloat16, torch.uint8):
+        back = bitmask.unpack(packed, dtype)
+        assert back.dtype == dtype and back.stride() == mask.stride() and torch.equal(back, mask.to(dtype))
+    assert bitmask.pack(torch.ones(4, 4)[:, :2]) is None  # not dense (gaps): a byte per element
 
 
 def test_an_untraceable_model_keeps_plain_activations_and_trains():

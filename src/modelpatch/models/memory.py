@@ -10,7 +10,7 @@ docs/benchmarks.md):
   ``scale``, the bias gradient only the output gradient; only a *trained weight* reads the input.
   With a frozen weight it keeps no input (``LeanBatchNorm2d``). With statistics of the batch
   (train mode) every gradient reads the normalized input: the input stays.
-- ReLU / ReLU6: the gradient reads only where the output was clipped; a 1-byte mask replaces the
+- ReLU / ReLU6: the gradient reads only where the output was clipped; a 1-bit mask replaces the
   4-byte tensor PyTorch saves (``LeanReLU``, ``LeanReLU6``): ``relu`` saves its output,
   ``hardtanh`` its input (in place: a copy of it). Where another layer keeps that tensor anyway (a
   convolution whose weight trains reads a ReLU's output) the mask would be extra: the plain op runs.
@@ -31,6 +31,8 @@ import operator
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+
+from modelpatch.models import bitmask
 
 
 class _FrozenConv2d(torch.autograd.Function):
@@ -128,9 +130,13 @@ class LeanBatchNorm2d(nn.BatchNorm2d):
         return _FrozenBatchNorm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps)
 
 
+PACK_MASKS = True  # ReLU masks at 1 bit per element (False: 1 byte; bench/mask_bytes.py compares them)
+
+
 class _MaskedClamp(torch.autograd.Function):
     """``relu`` / ``hardtanh`` with ``min_val`` 0 (``ReLU6``) that saves, instead of a float tensor, a
-    1-byte mask of where the gradient passes. The mask is PyTorch's own ``threshold_backward`` /
+    1-bit mask of where the gradient passes (``models.bitmask``; 1 byte where the layout is not dense). The
+    mask is PyTorch's own ``threshold_backward`` /
     ``hardtanh_backward`` of a gradient of 1, on the tensor PyTorch would save (its test, NaN
     handling included); backward calls that same op on a stand-in rebuilt from the mask (1 where
     the gradient passes, 0 where it stops) with that tensor's strides: the same values and layout,
@@ -147,15 +153,21 @@ class _MaskedClamp(torch.autograd.Function):
             out = F.hardtanh(x, 0.0, max_val, inplace=inplace)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.save_for_backward(passes.to(torch.uint8))  # keeps the strides
+        packed = bitmask.pack(passes) if PACK_MASKS else None
+        ctx.save_for_backward(passes.to(torch.uint8) if packed is None else packed.bits)  # uint8 keeps the strides
+        ctx.layout = None if packed is None else (packed.shape, packed.order)
         ctx.clamp = (max_val, passes.dtype)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (passes,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
         max_val, dtype = ctx.clamp
-        stand_in = passes.to(dtype)  # from uint8: a vectorized cast
+        # 1 where the gradient passes, with the strides of the tensor PyTorch would save
+        if ctx.layout is None:
+            stand_in = saved.to(dtype)
+        else:
+            stand_in = bitmask.unpack(bitmask.PackedMask(saved, *ctx.layout), dtype)  # no cast: in dtype
         if max_val is None:
             return torch.ops.aten.threshold_backward(grad, stand_in, 0.0), None, None
         return torch.ops.aten.hardtanh_backward(grad, stand_in, 0.0, max_val), None, None
@@ -176,7 +188,7 @@ class _MaskIfOutputFree:
 
 
 class LeanReLU(_MaskIfOutputFree, nn.ReLU):
-    """A ``ReLU`` that keeps a 1-byte mask for backward instead of its output, when no other layer
+    """A ``ReLU`` that keeps a 1-bit mask for backward instead of its output, when no other layer
     keeps the output."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +196,7 @@ class LeanReLU(_MaskIfOutputFree, nn.ReLU):
 
 
 class LeanReLU6(_MaskIfOutputFree, nn.ReLU6):
-    """A ``ReLU6`` that keeps a 1-byte mask for backward instead of its input (its output when in
+    """A ``ReLU6`` that keeps a 1-bit mask for backward instead of its input (its output when in
     place), when no other layer keeps that tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
