@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 
 from modelpatch.models.state_dicts import hash_tensors
 
-from .support import train_py
+from .support import ROOT, popen, train_py
 
 
 def tensors_digest(tensors: dict) -> str:
@@ -55,6 +57,25 @@ def run_state(out: Path) -> dict:
         "accuracies": {t: (r["val_acc"], r["test_acc"]) for t, r in results["tasks"].items()},
         "metrics": metric_rows(out / "csv" / "metrics.csv"),
     }
+
+
+def start_reference(out: Path, args: list[str], **kwargs) -> subprocess.Popen:
+    """``train.py <args>`` uninterrupted in ``out``, in the background (while the killed run goes on: starting
+    ``train.py`` is mostly waiting on imports); ``finish_reference`` waits for it."""
+    out.mkdir(parents=True)
+    log = open(out.parent / f"{out.name}.out", "w")  # noqa: SIM115  (closed by finish_reference)
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"hydra.run.dir={out}"]
+    proc = popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+    proc.log = log
+    return proc
+
+
+def finish_reference(proc: subprocess.Popen) -> None:
+    try:
+        rc = proc.wait(timeout=600)
+    finally:
+        proc.log.close()
+    assert rc == 0, Path(proc.log.name).read_text()[-4000:]
 
 
 def run_killed(out: Path, args: list[str], kills: list[tuple[str, int]], before_restart=None, **kwargs) -> list[str]:

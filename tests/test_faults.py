@@ -18,8 +18,8 @@ from modelpatch.data.steps import Step, StepDataset, seeded
 from modelpatch.training.csv_log import ContinuedWriter
 from modelpatch.training.resume import check_resume, choose_resume, read_resumable, resume_candidates, resume_path
 
-from .faults import run_killed, run_state
-from .support import CLI_TINY, SMALL_MIX, train_py
+from .faults import finish_reference, run_killed, run_state, start_reference
+from .support import CLI_TINY, SMALL_MIX
 
 REPLACED = ("trainer.max_epochs", "trainer.limit_train_batches", "data.num_workers")
 BASE = [o for o in CLI_TINY if o.lstrip("+").split("=")[0] not in REPLACED and not o.startswith("task")]
@@ -53,8 +53,7 @@ SINGLE_KILLS = [("validation", 3), ("checkpoint_write", 10), ("test", 0)]
 def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, data_dir, trained_source):
     args = args_for(data_dir, trained_source, *SINGLE)
     reference = tmp_path / "reference"
-    proc = train_py(*args, f"hydra.run.dir={reference}")
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    uninterrupted = start_reference(reference, args)
 
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.ckpt"
@@ -69,6 +68,7 @@ def test_a_run_killed_anywhere_resumes_to_the_uninterrupted_run(tmp_path, data_d
                 f.truncate(last.stat().st_size // 2)
 
     logs = run_killed(killed, args, SINGLE_KILLS, before_restart=before_restart)
+    finish_reference(uninterrupted)
     assert_same_run(run_state(killed), run_state(reference))
     for i, log in enumerate(logs[1:], 1):
         assert "resuming from" in log, f"attempt {i} did not resume"
@@ -92,10 +92,10 @@ def test_a_multitask_ddp_run_killed_on_every_rank_resumes_to_the_uninterrupted_r
     )  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = tmp_path / "reference"
-    proc = train_py(*args, f"hydra.run.dir={reference}", env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    uninterrupted = start_reference(reference, args, env=env)
     killed = tmp_path / "killed"
     run_killed(killed, args, [("between_tasks", 3)], env=env)
+    finish_reference(uninterrupted)
     state = run_state(killed)
     assert len(state["accuracies"]) == 3 and len(state["patches"]) == 3
     assert_same_run(state, run_state(reference))
