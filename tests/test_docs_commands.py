@@ -129,6 +129,7 @@ NOT_RUN = {
     "bash bench/run_all.sh --max-wait 0": BENCHMARK,
     ".venv/bin/python bench/step_time.py": BENCHMARK,
     ".venv/bin/python bench/mask_bytes.py --threads 2 --rounds 7": BENCHMARK,
+    ".venv/bin/python bench/serving_crossover.py": BENCHMARK,
     ".venv/bin/python bench/resume_exact.py": (
         "11 starts of the transfer run (twice uninterrupted, 3 runs killed and restarted 1-4 times; about 2 min "
         "after a 95 s pretraining): run by hand (docs/clusters.md records its last run); tests/test_faults.py kills "
