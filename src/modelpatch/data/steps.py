@@ -46,14 +46,19 @@ class Step(dict):
         return Step, (dict(self), self.seed)
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python's, numpy's and torch's (CPU and every CUDA device's) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 @contextlib.contextmanager
 def seeded(seed: int):
     """Python's, numpy's and torch's CPU generators seeded by ``seed`` inside, as they were after."""
     state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_all(seed)
         try:
             yield
         finally:

@@ -85,6 +85,7 @@ class ResumeChoice:
 
     path: Path | None
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    config: Mapping | None = None  # the run config saved in ``path``, when it was read to choose it
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path:
@@ -145,11 +146,11 @@ def choose_resume(cfg: DictConfig) -> ResumeChoice:
     unreadable = []
     for path in resume_candidates(checkpoint_dir(cfg)):
         try:
-            read_resumable(path)
+            ckpt = read_resumable(path)
         except ValueError as err:
             unreadable.append((path, str(err)))
             continue
-        return ResumeChoice(path, unreadable)
+        return ResumeChoice(path, unreadable, ckpt["hyper_parameters"]["meta"]["config"])
     return ResumeChoice(None, unreadable)
 
 
@@ -193,10 +194,12 @@ def check_resume(cfg: DictConfig) -> None:
                 "run with resume=false to start fresh"
             )
         return
-    try:
-        saved = read_resumable(choice.path)["hyper_parameters"]["meta"]["config"]
-    except (ValueError, FileNotFoundError) as err:
-        raise ConfigError(f"cannot resume from ckpt_path={choice.path}: {err}") from err
+    saved = choice.config
+    if saved is None:  # ckpt_path, as given
+        try:
+            saved = read_resumable(choice.path)["hyper_parameters"]["meta"]["config"]
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"cannot resume from ckpt_path={choice.path}: {err}") from err
     now = OmegaConf.to_container(cfg, resolve=True)
     diffs = []
     for key in RESUME_KEYS:

@@ -4,20 +4,9 @@ builds, validates and creates its loaders)."""
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
-import torch
 from lightning.pytorch.callbacks import Callback
 
-from modelpatch.data.steps import derived_seed
-
-
-def seed_all(seed: int) -> None:
-    """Seed Python's, numpy's and torch's (CPU and every CUDA device's) global generators."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+from modelpatch.data.steps import derived_seed, seed_all
 
 
 class StepSeeds(Callback):
