@@ -13,7 +13,7 @@ setup: $(VENV)/.installed
 
 ## The tested versions from $(LOCK) (pip's own included), each checked against its sha256, then this checkout
 ## editable without dependencies: pyproject's ranges are for those who pip install modelpatch elsewhere.
-$(VENV)/.installed: pyproject.toml $(LOCK)
+$(VENV)/.installed: pyproject.toml $(LOCK) src/modelpatch/models/_masks.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --require-hashes -r $(LOCK)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .  # built with the locked setuptools

@@ -5,6 +5,9 @@ Checks (each row says what it compared and whether it held; any mismatch exits 1
 - ``step``: step time and peak CUDA memory per patch kind and setting (fp32 NCHW, fp32 channels-last,
   bf16-mixed, ``lean_backward``, ``compile``); the first step's loss of each setting must equal fp32 NCHW's
   on the same weights and batch (bf16 within 10%, the others within 0.1%).
+- ``savers``: per patch kind, step time and peak CUDA memory with ``lean_backward`` auto (the default), true (every
+  saver) and false, and in plain PyTorch (``bench/saver_cost.py``'s variants, interleaved); more savers must not
+  raise the first step's peak (above what was allocated before it), and the first losses must agree.
 - ``forward_mixed``: one pass over a batch mixing 3 tasks equals the per-task passes.
 - ``cache``: features cached on the device (``data.cache_features=true``) equal those cached on the CPU.
 - ``ddp``: ``train.py trainer=ddp trainer.devices=1`` runs and writes ``results.json``.
@@ -32,7 +35,7 @@ from step_time import Case
 
 from modelpatch.training.compiling import compile_backbone
 
-CHECKS = ("step", "forward_mixed", "cache", "ddp", "pool")
+CHECKS = ("step", "savers", "forward_mixed", "cache", "ddp", "pool")
 # (label, channels_last, lean_backward, bf16, compile)
 SETTINGS = (
     ("fp32 NCHW", False, False, False, False),
@@ -83,7 +86,7 @@ def check_step(report: Report, args: argparse.Namespace) -> None:
         for label, channels_last, lean, bf16, compiled in SETTINGS:
             if compiled and kind not in args.compile_kinds:
                 continue
-            kind_arg = kind + ("" if lean else "!plain")  # savers are on by default
+            kind_arg = kind + ("" if lean else "!plain")  # no suffix: lean_backward=true (every saver)
             case = Case("mobilenet_v2", kind_arg, args.size, device, channels_last, width=args.width, batch=args.batch)
             if compiled:
                 compile_backbone(case.model, backend)
@@ -112,6 +115,50 @@ def check_step(report: Report, args: argparse.Namespace) -> None:
             )
             report.add("step", what, result, ok)
             del case
+
+
+def check_savers(report: Report, args: argparse.Namespace) -> None:
+    import saver_cost
+
+    device, cuda = args.device, args.device.startswith("cuda")
+    for kind in args.saver_kinds:
+        cases = saver_cost.build(kind, True, device, size=args.size, width=args.width, batch=args.batch)
+        peaks, losses = {}, {}
+        for variant, case in cases.items():
+            base = 0
+            if cuda:  # the step's own peak: above what is allocated before it (every variant's model, ...)
+                sync(device)
+                base = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            torch.manual_seed(2)  # the same dropout draws in each variant's first step
+            losses[variant] = one_step(case, False) if variant != "plain" else _plain_loss(case)
+            sync(device)
+            peaks[variant] = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else float("nan")
+        times = saver_cost.measure(cases, args.steps)
+        ms = {v: 1000 * median(t) for v, t in times.items()}
+        agree = all(abs(loss - losses["off"]) <= DEFAULT_RTOL * abs(losses["off"]) for loss in losses.values())
+        ok = agree and (not cuda or peaks["on"] <= peaks["auto"] <= peaks["off"])
+        result = (
+            f"ms/step auto {ms['auto']:,.1f} / on {ms['on']:,.1f} / off {ms['off']:,.1f} / plain {ms['plain']:,.1f} "
+            f"(auto/off {saver_cost.ratio(times, 'auto', 'off'):.3f}, "
+            f"on/off {saver_cost.ratio(times, 'on', 'off'):.3f}, "
+            f"on/plain {saver_cost.ratio(times, 'on', 'plain'):.3f}); "
+            f"first step's peak above its start MB auto {peaks['auto']:,.0f} / on {peaks['on']:,.0f} / "
+            f"off {peaks['off']:,.0f} / plain {peaks['plain']:,.0f}; "
+            f"first losses {', '.join(f'{v} {loss:.5f}' for v, loss in losses.items())}"
+        )
+        report.add("savers", f"`{kind}`, channels-last", result, ok)
+        del cases
+
+
+def _plain_loss(case) -> float:
+    """The first step's loss of ``saver_cost.PlainCase`` (its own input preparation)."""
+    case.opt.zero_grad(set_to_none=True)
+    x = (case.images.float().div_(255.0) - case.mean) / case.mean
+    loss = F.cross_entropy(case.model(x.contiguous(memory_format=torch.channels_last)), case.labels)
+    loss.backward()
+    case.opt.step()
+    return float(loss)
 
 
 def check_forward_mixed(report: Report, args: argparse.Namespace) -> None:
@@ -233,11 +280,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small model and few steps: a smoke run")
     parser.add_argument("--only", nargs="*", choices=CHECKS, default=list(CHECKS), help="checks to run")
     parser.add_argument("--kinds", nargs="*", default=None, help="patch kinds for step (default: full bn dw logits)")
+    parser.add_argument("--saver-kinds", nargs="*", default=None, help="patch kinds for savers (default: all 7)")
     parser.add_argument("--compile-kinds", nargs="*", default=["bn", "full"], help="kinds also timed compiled")
     parser.add_argument("--compile-backend", default=None, help="default inductor (eager on CPU with --quick)")
     args = parser.parse_args()
     args.device = check_device(args.device)
     args.kinds = args.kinds or (["bn", "full"] if args.quick else ["full", "bn", "dw", "logits"])
+    args.saver_kinds = args.saver_kinds or (["bn", "bias@frozen"] if args.quick else None)
+    if args.saver_kinds is None:
+        import saver_cost
+
+        args.saver_kinds = list(saver_cost.KINDS)
     args.width, args.size = (0.25, 32) if args.quick else (1.0, 64)
     args.batch, args.steps = (16, 2) if args.quick else (128, 10)
     start = time.monotonic()

@@ -1,4 +1,5 @@
-"""The largest training batch that fits a memory budget, per patch, with and without lean_backward.
+"""The largest training batch that fits a memory budget, per patch, with and without lean_backward, and with the
+ReLU masks at 1 byte (before issue 20) or 1 bit per element (now).
 
 Each point is a fresh process (``--child``) that builds the model as bench/step_time.py does and
 runs two training steps at one batch size, then reports its peak resident memory (CPU: the
@@ -31,9 +32,10 @@ from common import (
 )
 
 NAME, SIZE = "mobilenet_v2", 32
-# (patch, lean_backward): the patches of the memory table; `full` keeps every input either way.
-POINTS = [("full", True), ("bn", False), ("bn", True), ("bias@frozen", False), ("bias@frozen", True)]
-POINTS += [("dw", False), ("dw", True)]
+# (patch, lean_backward, masks packed at 1 bit): the patches of the memory table; `full` keeps every input either way.
+POINTS = [("full", True, True)]
+POINTS += [(kind, lean, packed) for kind in ("bn", "bias@frozen", "dw") for lean, packed in
+           ((False, True), (True, False), (True, True))]  # fmt: skip
 START = 64
 
 
@@ -42,11 +44,14 @@ def label(kind: str) -> str:
     return f"`{kind}`" + (f" (`norm_stats={stats}`)" if stats else "")
 
 
-def child(kind: str, batch: int, device: str, lean: bool, threads: int | None) -> None:
+def child(kind: str, batch: int, device: str, lean: bool, threads: int | None, packed: bool = True) -> None:
     """Two training steps at ``batch``; print the peak memory in bytes as JSON."""
     import torch
     from step_time import Case
 
+    from modelpatch.models import memory
+
+    memory.PACK_MASKS = packed
     if threads:
         torch.set_num_threads(threads)
     case = Case(NAME, kind if lean else f"{kind}!plain", SIZE, device, batch=batch)
@@ -63,9 +68,10 @@ def child(kind: str, batch: int, device: str, lean: bool, threads: int | None) -
     print(json.dumps({"peak": peak}))
 
 
-def peak_of(kind: str, batch: int, lean: bool, args: argparse.Namespace) -> int:
+def peak_of(kind: str, batch: int, lean: bool, packed: bool, args: argparse.Namespace) -> int:
     cmd = [sys.executable, __file__, "--child", kind, str(batch), "--device", args.device]
     cmd += ["--no-lean"] if not lean else []
+    cmd += ["--byte-masks"] if not packed else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout
     peak = json.loads(out.strip().splitlines()[-1])["peak"]
@@ -73,19 +79,28 @@ def peak_of(kind: str, batch: int, lean: bool, args: argparse.Namespace) -> int:
     return peak
 
 
-def largest_batch(kind: str, lean: bool, budget: int, resolution: float, args: argparse.Namespace) -> dict:
+def largest_batch(
+    kind: str, lean: bool, packed: bool, budget: int, resolution: float, args: argparse.Namespace
+) -> dict:
     """Largest batch (a multiple of 8) whose peak fits ``budget``, within ``resolution``."""
     peaks: dict[int, int] = {}
+
+    def peak(batch: int) -> int:
+        if batch not in peaks:
+            peaks[batch] = peak_of(kind, batch, lean, packed, args)
+        return peaks[batch]
+
     lo, hi = 0, START
-    while (peaks.setdefault(hi, peak_of(kind, hi, lean, args))) <= budget:
+    while peak(hi) <= budget:
         lo, hi = hi, hi * 2
     while hi - lo > max(8, resolution * lo):
         mid = (lo + hi) // 2 // 8 * 8
-        if peaks.setdefault(mid, peak_of(kind, mid, lean, args)) <= budget:
+        if peak(mid) <= budget:
             lo = mid
         else:
             hi = mid
-    return {"kind": kind, "lean": lean, "batch": lo, "fail": hi, "peak": peaks.get(lo), "points": len(peaks)}
+    return {"kind": kind, "lean": lean, "packed": packed, "batch": lo, "fail": hi, "peak": peaks.get(lo),
+            "points": len(peaks)}  # fmt: skip
 
 
 def main() -> None:
@@ -95,9 +110,10 @@ def main() -> None:
     parser.add_argument("--resolution", type=float, default=0.1, help="bisect until (fail - fit) <= this x fit")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--no-lean", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--byte-masks", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child[0], int(args.child[1]), args.device, not args.no_lean, args.threads)
+        child(args.child[0], int(args.child[1]), args.device, not args.no_lean, args.threads, not args.byte_masks)
         return
     device = check_device(args.device)
     apply_threads(args)
@@ -108,12 +124,13 @@ def main() -> None:
     resolution = 0.5 if args.quick else args.resolution
     start = time.monotonic()
     with CpuMonitor() as monitor:
-        results = [largest_batch(kind, lean, budget, resolution, args) for kind, lean in points]
+        results = [largest_batch(*point, budget, resolution, args) for point in points]
     full = next(r["batch"] for r in results if r["kind"] == "full")
     rows = [
         [
             label(r["kind"]),
-            "true (default)" if r["lean"] else "false",
+            "true" if r["lean"] else "false",
+            ("1 bit (default)" if r["packed"] else "1 byte (before issue 20)") if r["lean"] else "",
             f"{r['batch']:,}",
             f"{r['fail']:,}",
             f"{r['batch'] / full:.1f}x",
@@ -123,8 +140,8 @@ def main() -> None:
         for r in results
     ]
     what = "peak RSS" if device == "cpu" else "CUDA max_memory_allocated"
-    header = ["patch", "`lean_backward`", "largest batch that fits", "smallest that did not", "x full"]
-    table = md_table([*header, f"{what} at that batch MiB", "processes"], rows, align="llrrrrr")
+    header = ["patch", "`lean_backward`", "ReLU masks", "largest batch that fits", "smallest that did not", "x full"]
+    table = md_table([*header, f"{what} at that batch MiB", "processes"], rows, align="lllrrrrr")
     intro = (
         f"`{NAME}` (width 1.0), {SIZE}x{SIZE}, channels-last, model and step as in [step-time](#step-time) "
         f"(forward, cross-entropy, backward, SGD with momentum). Budget: **{args.budget_mb:,.0f} MiB of {what}** "

@@ -39,8 +39,8 @@ from modelpatch.training.module import PatchModule, TaskInfo
 from modelpatch.training.weights import load_backbone
 
 # Patch kinds as the platform trains them (norm_stats="task", except "logits": "frozen"), and with
-# BatchNorm statistics kept as loaded ("@frozen"). Each runs as the platform does (lean_backward:
-# true, modelpatch.models.memory) and with PyTorch's own layers ("!plain": lean_backward=false).
+# BatchNorm statistics kept as loaded ("@frozen"). Each runs with every memory saver (lean_backward=true,
+# modelpatch.models.memory) and with PyTorch's own layers ("!plain": lean_backward=false).
 _PATCHES = ("full", "bn", "bn@frozen", "bias", "bias@frozen", "dw", "dw@frozen", "bn+dw", "logits")
 KINDS = tuple(k for p in _PATCHES for k in (p, f"{p}!plain"))
 # Activation memory targets (issue 14): saved for backward <= this x full's (PyTorch's layers).
@@ -73,11 +73,12 @@ class Case:
     ):  # fmt: skip
         torch.manual_seed(0)
         backbone = load_backbone(name, width=width)
-        kind, _, plain = kind.partition("!")
+        kind, _, variant = kind.partition("!")  # "!plain": lean_backward false; "!auto": auto; else true
         kind, _, stats = kind.partition("@")
         stats = stats or ("frozen" if kind == "logits" else "task")
         patch = resolve_patch(backbone, kind, norm_stats=stats, model_name=name)
-        model = PatchModule(backbone, patch, [TaskInfo("t", 10)], channels_last=channels_last, lean_backward=not plain)
+        lean = {"": True, "plain": False, "auto": "auto"}[variant]
+        model = PatchModule(backbone, patch, [TaskInfo("t", 10)], channels_last=channels_last, lean_backward=lean)
         self.model = model.to(device).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.SGD(self.params, lr=0.01, momentum=0.9)
@@ -282,7 +283,7 @@ def memory_table(results: list[dict]) -> tuple[str, list[str]]:
                 ("yes" if met else "**no**") if target else "",
             ]
         )
-    header = ["patch", "`lean_backward=false` MB (x full)", "`lean_backward: true` (default) MB (x full)"]
+    header = ["patch", "`lean_backward=false` MB (x full)", "`lean_backward=true` MB (x full)"]
     return md_table([*header, "target", "met?"], rows, align="lrrll"), missed
 
 
@@ -329,7 +330,7 @@ def main() -> None:
                     0,
                     f"### Activation memory per patch: {name} (width 1.0), {size}x{size}, batch {BATCH}, "
                     f"{layout(channels_last)}\n\nSaved for backward (below), with PyTorch's own layers and with the "
-                    f"platform's default `lean_backward: true`; *x full*: over `full` with PyTorch's layers. "
+                    f"platform's `lean_backward: true`; *x full*: over `full` with PyTorch's layers. "
                     f"Targets of issue 14. Missed: {', '.join(missed) or 'none'}.\n\n{mem}",
                 )
             if (name, size) == ("mobilenet_v2", 32):
@@ -342,8 +343,8 @@ def main() -> None:
         f"`resolve_patch(..., norm_stats='frozen' if logits else 'task')`, "
         f"`PatchModule(..., [TaskInfo('t', 10)], channels_last=...)`), random init, in the platform's default "
         f"channels-last layout (`channels_last: true`: convolution weights and inputs NHWC) unless the table "
-        f"says NCHW; rows run with the platform's default `lean_backward: true` (`modelpatch.models.memory`: frozen "
-        f"convolutions and frozen-statistics BatchNorm keep no input, ReLUs a 1-byte mask), `(lean_backward=false)` "
+        f"says NCHW; rows run with `lean_backward: true` (`modelpatch.models.memory`, every saver: frozen "
+        f"convolutions and frozen-statistics BatchNorm keep no input, ReLUs a 1-bit mask), `(lean_backward=false)` "
         f"rows with PyTorch's own layers; `(norm_stats=frozen)`: BatchNorm statistics kept as loaded "
         f"(layers in eval mode), for comparison with the platform's default (each task re-estimates them). "
         f"*vs `lean_backward=false`*: each round's step over the same round's step of that row, median. "

@@ -82,6 +82,7 @@ CASES = [
     Case(["backbone.weights={tmp}/missing.pt"], "missing.pt' does not exist"),
     Case(["patch.kind=bogus"], "bogus"),
     Case(["data.cache_features=maybe"], "data.cache_features='maybe'"),
+    Case(["lean_backward=maybe"], "lean_backward='maybe': choose auto"),
     Case(["init_from={tmp}/missing.ckpt"], "missing.ckpt does not exist"),
     Case(
         [],

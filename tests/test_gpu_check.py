@@ -11,9 +11,10 @@ from .support import ROOT
 @pytest.mark.slow
 def test_gpu_check_smoke_on_cpu():
     cmd = [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--device", "cpu", "--quick"]
-    cmd += ["--only", "step", "forward_mixed", "cache", "--kinds", "bn"]
+    cmd += ["--only", "step", "savers", "forward_mixed", "cache", "--kinds", "bn", "--saver-kinds", "bn"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "| check |" not in line]
-    assert len(rows) == 7 and all(row.endswith("| ok |") for row in rows), rows  # 5 settings + mixed + cache
+    # 5 settings + savers + mixed + cache
+    assert len(rows) == 8 and all(row.endswith("| ok |") for row in rows), rows
     assert "GPU check passed" in proc.stdout

@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import weakref
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
-from modelpatch.models import bitmask
+from modelpatch.models import bitmask, memory
 from modelpatch.models.memory import LeanBatchNorm2d, LeanConv2d, LeanReLU, LeanReLU6, _MaskedClamp, use_memory_savers
 from modelpatch.models.multitask_forward import forward_mixed
 from modelpatch.models.patches import resolve_patch
@@ -23,6 +24,13 @@ FAMILIES = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "efficientnet_b0",
 # Patch kinds as the platform trains them, with BatchNorm statistics per task or frozen.
 KINDS = ["full", "bn", "bn@frozen", "bias", "bias@frozen", "dw", "dw@frozen", "bn+dw", "logits@frozen"]
 _BACKBONES: dict[str, nn.Module] = {}
+
+
+@pytest.fixture(autouse=True)
+def savers_on_every_map(monkeypatch):
+    """The small maps of these tests run the savers too (by default, inputs under ``MIN_ELEMENTS`` run the plain
+    op; ``test_small_maps_run_the_plain_ops`` checks that)."""
+    monkeypatch.setattr(memory, "MIN_ELEMENTS", 0)
 
 
 def backbone(name: str) -> nn.Module:
@@ -105,7 +113,22 @@ def test_savers_are_on_by_default_and_off_with_lean_backward_false():
     assert {LeanConv2d, LeanBatchNorm2d, LeanReLU6} <= types
     _, _, plain = step("mobilenet_v2", "bias@frozen", lean=False)
     assert not any(type(m).__module__ == "modelpatch.models.memory" for m in plain.modules())
-    assert PatchModule.__init__.__kwdefaults__["lean_backward"] is True
+    assert PatchModule.__init__.__kwdefaults__["lean_backward"] == "auto"
+
+
+def test_auto_keeps_only_the_relu_savers_on_the_cpu():
+    """``auto`` on the CPU: convolutions and BatchNorm keep their inputs (their savers cost time there), so a ReLU6
+    saves the output its convolution keeps; the same gradients, and less memory than PyTorch's layers."""
+    plain, plain_bytes, _ = step("mobilenet_v2", "bias@frozen", lean=False, batch=16)
+    auto, auto_bytes, model = step("mobilenet_v2", "bias@frozen", lean="auto", batch=16)
+    every, every_bytes, _ = step("mobilenet_v2", "bias@frozen", lean=True, batch=16)
+    assert_same_grads(auto, plain)
+    assert_same_grads(every, plain)
+    assert every_bytes < auto_bytes < plain_bytes
+    conv = model.model.backbone.body.features[2].conv[1][0]
+    assert isinstance(conv, LeanConv2d) and not conv._on_cpu and conv._device_saves(torch.device("meta"))
+    with pytest.raises(ValueError, match="lean_backward='yes': choose auto"):
+        use_memory_savers(backbone("mobilenet_v2"), "yes")
 
 
 def test_a_relu_output_read_by_a_trained_weight_is_kept_not_masked():
@@ -123,7 +146,13 @@ def test_a_relu_output_read_by_a_trained_weight_is_kept_not_masked():
     # mobilenet_v2's in-place ReLU6: PyTorch saves a copy of its input, which no other layer holds
     mbv2 = backbone("mobilenet_v2")
     use_memory_savers(mbv2)
-    assert mbv2.body.features[2].conv[0][2]._consumers == ()
+    relu6, depthwise = mbv2.body.features[2].conv[0][2], mbv2.body.features[2].conv[1][0]
+    assert relu6._consumers == () and relu6._output_readers == (depthwise,)
+    for p in mbv2.parameters():
+        p.requires_grad_(False)
+    assert relu6._mask(x) and not relu6._output_kept(x.device)  # a frozen depthwise conv keeps nothing: a mask
+    depthwise.weight.requires_grad_(True)  # (dw patch) it keeps the output: ReLU6 saves that, no mask
+    assert relu6._output_kept(x.device)
 
 
 @pytest.mark.parametrize("max_val", [None, 6.0])
@@ -177,6 +206,95 @@ def test_a_packed_mask_comes_back_with_its_values_and_strides(make):
         back = bitmask.unpack(packed, dtype)
         assert back.dtype == dtype and back.stride() == mask.stride() and torch.equal(back, mask.to(dtype))
     assert bitmask.pack(torch.ones(4, 4)[:, :2]) is None  # not dense (gaps): a byte per element
+
+
+def test_small_maps_run_the_plain_ops(monkeypatch):
+    monkeypatch.setattr(memory, "MIN_ELEMENTS", 1 << 15)
+    plain, plain_bytes, _ = step("mobilenet_v2", "bias@frozen", lean=False, batch=2)  # maps under 2 x 48 x 16 x 16
+    lean, lean_bytes, _ = step("mobilenet_v2", "bias@frozen", lean=True, batch=2)
+    assert lean_bytes == plain_bytes
+    assert_same_grads(lean, plain)
+    big = step("mobilenet_v2", "bias@frozen", lean=True, batch=64)[1]  # maps up to 64 x 48 x 16 x 16
+    assert big < 0.5 * step("mobilenet_v2", "bias@frozen", lean=False, batch=64)[1]
+
+
+@pytest.mark.parametrize("layer", ["conv", "batchnorm"])
+def test_a_frozen_layer_lets_its_input_go_before_backward(layer):
+    """Nothing keeps the input of a frozen convolution or eval-mode BatchNorm alive until backward (not the
+    saved-tensor hooks either), and its gradients are PyTorch's."""
+    torch.manual_seed(0)
+    if layer == "conv":
+        plain = nn.Conv2d(8, 8, 3, padding=1, bias=False).requires_grad_(False)
+    else:
+        plain = nn.BatchNorm2d(8).eval()
+        plain.weight.requires_grad_(False)
+    lean = copy.deepcopy(plain)
+    use_memory_savers(lean)
+    a = torch.randn(4, 8, 64, 64, requires_grad=True)
+
+    def run(module, check_freed: bool):
+        y = a * 2
+        gone = weakref.ref(y)
+        out = module(y)
+        del y
+        assert (gone() is None) == check_freed
+        return torch.autograd.grad(out.square().sum(), a)[0]
+
+    assert torch.equal(run(lean, check_freed=True), run(plain, check_freed=False))
+
+
+def test_an_in_place_change_of_a_saved_tensor_is_refused_as_pytorch_refuses_it():
+    conv = nn.Conv2d(8, 8, 1).requires_grad_(False)
+    conv.bias.requires_grad_(True)
+    use_memory_savers(conv)
+    out = conv(torch.randn(4, 8, 64, 64, requires_grad=True))
+    with torch.no_grad():
+        conv.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_the_compiled_mask_kernel_is_built():
+    """``pip install`` builds ``models/_masks.c`` (make setup does); without it the masks take torch's ops, several
+    times slower per step (docs/benchmarks.md, saver-cost)."""
+    assert bitmask.has_kernel(), "modelpatch.models._masks is missing: reinstall with a C compiler (make setup)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(("max_val", "inplace"), [(None, False), (6.0, False), (6.0, True)])
+def test_kernel_masks_give_pytorchs_gradients_on_large_maps(dtype, layout, max_val, inplace, monkeypatch):
+    """Maps large enough to split over threads, an odd size (a scalar tail after the vector loop), values exactly
+    at 0 and 6: the compiled kernel and the torch fallback give PyTorch's own outputs and gradients, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-4, 9, (3, 7, 130, 131), generator=g).to(dtype) + torch.rand(3, 7, 130, 131, generator=g).to(
+        dtype
+    ) * (torch.rand(3, 7, 130, 131, generator=g) > 0.3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape, generator=g).to(dtype)
+
+    def run(fn):
+        leaf = x.clone().requires_grad_()
+        out = fn(leaf * 1)
+        (back,) = torch.autograd.grad(out, leaf, grad)
+        return out, back
+
+    plain = run(lambda t: F.relu(t, inplace) if max_val is None else F.hardtanh(t, 0.0, max_val, inplace))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kernel = run(lambda t: _MaskedClamp.apply(t, max_val, inplace))
+        monkeypatch.setattr(bitmask, "_masks", None)
+        fallback = run(lambda t: _MaskedClamp.apply(t, max_val, inplace))
+    finally:
+        torch.set_num_threads(threads)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32  # bit for bit: +0 where the gradient stops
+    for got in (kernel, fallback):
+        assert torch.equal(got[0].view(bits), plain[0].view(bits)) and torch.equal(
+            got[1].view(bits), plain[1].view(bits)
+        )
+        assert got[1].stride() == plain[1].stride()
 
 
 def test_an_untraceable_model_keeps_plain_activations_and_trains():

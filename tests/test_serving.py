@@ -12,6 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import modelpatch.files.patch_files as serving
 from modelpatch.files.patch_files import BASE_FILE, PatchFileError, check_fits, export_patches, read_patch_file
 from modelpatch.files.patched_model import load_patched_model, storage_summary
+from modelpatch.models import multitask_forward
+from modelpatch.models.multitask_forward import forward_by_task as by_task_pass
 from modelpatch.models.multitask_forward import mixed_twin
 from modelpatch.run import train
 from modelpatch.training.weights import load_backbone
@@ -50,10 +52,17 @@ def test_train_export_then_eval_in_a_fresh_process_gives_the_same_accuracy(make_
         ("bn+dw+bias", "task", False),
     ],
 )
-def test_mixed_task_batch_equals_per_task_passes(kind, norm_stats, by_task, channels_last, tmp_path):
+@pytest.mark.parametrize("group", ["small", "large"])
+def test_mixed_task_batch_equals_per_task_passes(kind, norm_stats, by_task, channels_last, group, tmp_path,
+                                                  monkeypatch):  # fmt: skip
     model = tiny_model(kind, norm_stats=norm_stats, channels_last=channels_last)
     # bn and dw tensors run in the per-sample twin of the backbone; others one pass per task
     assert (mixed_twin(model.model) is None) == by_task
+    # 4 samples per task: under BY_TASK_FROM (64) the twin runs; from it (here 4), one pass per task
+    if group == "large":
+        monkeypatch.setattr(multitask_forward, "BY_TASK_FROM", 4)
+    passes = []
+    monkeypatch.setattr(multitask_forward, "forward_by_task", lambda *a: passes.append(1) or by_task_pass(*a))
     images = torch.randint(0, 256, (12, 1, 32, 32), dtype=torch.uint8)
     tasks = ["a", "b", "c", "b", "a", "c", "c", "b", "a", "a", "b", "c"]
     export_patches(model, tmp_path)
@@ -68,6 +77,7 @@ def test_mixed_task_batch_equals_per_task_passes(kind, norm_stats, by_task, chan
             assert torch.isinf(mixed[i, k:]).all()
         for task in "abc":  # the served model is the trained one, exactly
             assert torch.equal(served(images, task), model(images, task))
+    assert bool(passes) == (by_task or group == "large")
 
 
 class AllocatedBytes(TorchDispatchMode):

@@ -29,6 +29,7 @@ from modelpatch.files.patch_files import export_patches, read_patch_file
 from modelpatch.files.patched_model import load_patched_model
 from modelpatch.files.results import RESULTS_FILE, make_results
 from modelpatch.models.backbones import PRETRAINED, check_backbone_name
+from modelpatch.models.memory import check_mode as check_lean_mode
 from modelpatch.models.patches import parse_kind, resolve_patch
 from modelpatch.training import transfer
 from modelpatch.training.checkpoints import read_init_checkpoint
@@ -122,6 +123,10 @@ def check_config(cfg: DictConfig) -> None:
         make_mixing(cfg.task.get("mixing", "all"), seed=cfg.seed)
     except ValueError as err:
         raise ConfigError(f"task.mixing: {err}") from err
+    try:
+        check_lean_mode(cfg.get("lean_backward", "auto"))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     cache = cfg.data.get("cache_features", "auto")
     if cache not in ("auto", True, False):
         raise ConfigError(f"data.cache_features={cache!r}; choose auto, true or false")
@@ -153,7 +158,7 @@ def build(cfg: DictConfig) -> tuple[TaskDataModule, PatchModule]:
         train_shared=cfg.patch.train_shared,
         mixing=mixing,
         channels_last=cfg.get("channels_last", False),
-        lean_backward=cfg.get("lean_backward", True),
+        lean_backward=cfg.get("lean_backward", "auto"),
         meta={"config": OmegaConf.to_container(cfg, resolve=True)},
     )
     if init is not None:

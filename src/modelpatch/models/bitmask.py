@@ -1,16 +1,33 @@
 """Masks kept at one bit per element: ``pack`` a 0/1 tensor of any dense layout (NCHW, channels-last) into bytes,
 8 elements each, in its memory order (numpy's ``packbits`` on the CPU: one pass); ``unpack`` gives back the same
-values, in any dtype, with the same strides."""
+values, in any dtype, with the same strides.
+
+For ReLU / ReLU6 on the CPU (float32, bfloat16) the compiled kernel (``_masks.c``, built by ``pip install``) does
+it in one pass each way: ``clamp_mask`` reads the activation's output and writes the bits, ``masked_grad`` reads
+the gradient and the bits and writes the gradient that passes. Without it (no C compiler at install, CUDA, other
+dtypes) they return ``None`` and the caller takes torch's ops."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy's packbits order: the first element in the high bit
+try:
+    from modelpatch.models import _masks
+except ImportError:  # built without a C compiler: torch's ops instead
+    _masks = None
+    logging.getLogger(__name__).warning(
+        "modelpatch.models._masks is not built (no C compiler at install?): ReLU masks take torch's slower ops; "
+        "reinstall with gcc to build it (make setup)"
+    )
+
+_KERNEL_DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)  # numpy's packbits(bitorder="little"): the first element in the low bit
 
 
 @dataclass(frozen=True)
@@ -52,13 +69,62 @@ def unpack(packed: PackedMask, dtype: torch.dtype) -> torch.Tensor:
     return rows.view(-1)[:n].view([packed.shape[d] for d in packed.order]).permute(inverse)
 
 
+def has_kernel() -> bool:
+    """Whether the compiled ``_masks`` kernel was built and loads."""
+    return _masks is not None
+
+
+def _kernel_takes(t: torch.Tensor) -> bool:
+    return (
+        _masks is not None and t.device.type == "cpu" and t.dtype in _KERNEL_DTYPES
+        and not torch.compiler.is_compiling()
+    )  # fmt: skip
+
+
+def clamp_mask(out: torch.Tensor, max_val: float | None) -> PackedMask | None:
+    """Where the gradient of ``relu`` (``max_val`` None) or ``hardtanh(0, max_val)`` passes, from the output
+    ``out``: not ``out <= 0`` and not ``out >= max_val`` (NaN passes), at one bit per element; ``None`` where the
+    kernel does not apply."""
+    order = memory_order(out) if _kernel_takes(out) else None
+    if order is None:
+        return None
+    bits = torch.empty((out.numel() + 7) // 8, dtype=torch.uint8)
+    limit = math.nan if max_val is None else float(max_val)
+    _masks.clamp_mask(out.data_ptr(), bits.data_ptr(), out.numel(), _KERNEL_DTYPES[out.dtype], limit, _threads())
+    return PackedMask(bits, tuple(out.shape), order)
+
+
+def masked_grad(grad: torch.Tensor, packed: PackedMask) -> torch.Tensor | None:
+    """``grad`` where ``packed`` is 1, +0 where it is 0 (what ``threshold_backward`` / ``hardtanh_backward`` give),
+    laid out as ``unpack`` lays out the mask (as PyTorch's op lays out its result from the gradient and that mask:
+    where the gradient's strides leave the order open, on 1x1 maps, the mask's decides); ``None`` where the kernel
+    does not apply (another dtype, or ``grad`` not laid out in the mask's memory order)."""
+    if not (_kernel_takes(grad) and tuple(grad.shape) == packed.shape and grad.permute(packed.order).is_contiguous()):
+        return None
+    result = _empty_in_order(packed.shape, packed.order, grad.dtype)
+    _masks.masked_grad(
+        grad.data_ptr(), packed.bits.data_ptr(), result.data_ptr(), grad.numel(), _KERNEL_DTYPES[grad.dtype],
+        _threads(),
+    )  # fmt: skip
+    return result
+
+
+def _empty_in_order(shape: tuple[int, ...], order: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return torch.empty([shape[d] for d in order], dtype=dtype).permute(inverse)
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
 def _with_numpy(t: torch.Tensor) -> bool:
     """numpy's ``packbits``: one pass on the CPU; torch's ops elsewhere (CUDA, under ``torch.compile``)."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _pack_numpy(flat: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.packbits(flat.numpy()))  # nonzero: 1
+    return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))  # nonzero: 1
 
 
 def _pack_torch(flat: torch.Tensor) -> torch.Tensor:
@@ -71,9 +137,9 @@ _TABLES: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
 
 
 def _table(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[256, 8]``: the 8 bits of each byte value, first element in the high bit, as ``dtype``."""
+    """``[256, 8]``: the 8 bits of each byte value, first element in the low bit, as ``dtype``."""
     key = (dtype, device)
     if key not in _TABLES:
-        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(7, -1, -1)) & 1
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
         _TABLES[key] = bits.to(dtype=dtype, device=device)
     return _TABLES[key]

@@ -12,16 +12,22 @@ from torch.func import functional_call
 
 from modelpatch.models.patches import PatchedBackbone, is_depthwise
 
+# Samples per task from which one pass per task is as fast as the one-pass twin (bench/serving_crossover.py: on
+# 2 CPU threads, mobilenet_v2 channels-last, the twin wins below, by up to 8x with many small groups).
+BY_TASK_FROM = 64
+
 
 def forward_mixed(model: PatchedBackbone, x: torch.Tensor, task_index: torch.Tensor, tasks: list[str]) -> torch.Tensor:
     """One pass over a batch whose samples belong to different tasks (inference only).
 
     Sample ``i`` uses the patch of ``tasks[task_index[i]]``. When the patch holds only
-    BatchNorm and depthwise-convolution tensors (``bn``, ``dw``, statistics), the batch is put in task order
+    BatchNorm and depthwise-convolution tensors (``bn``, ``dw``, statistics) and some task has fewer than
+    ``BY_TASK_FROM`` samples, the batch is put in task order
     and a twin of the backbone runs in which each patched BatchNorm is a per-sample scale and shift (computed
     once per task, then gathered) and each patched depthwise convolution one convolution per task over that
-    task's consecutive samples (views, in either memory layout). Any other patch (``full``, ...) groups the samples
-    by task and runs one pass per task: no patched tensor is copied, so memory grows with the
+    task's consecutive samples (views, in either memory layout). Otherwise (every task's group that large, where
+    per-task passes are as fast, or a patch such as ``full``) the samples are grouped
+    by task and run one pass per task: no patched tensor is copied, so memory grows with the
     number of tasks K, not with the batch (a per-sample copy of ``full`` on MobileNetV2 is 2.3 GB
     at batch 256).
     """
@@ -32,12 +38,13 @@ def forward_mixed(model: PatchedBackbone, x: torch.Tensor, task_index: torch.Ten
     if not per_task[0]:
         return model.backbone(x)
     twin = mixed_twin(model)
-    if twin is None:
+    counts = torch.bincount(task_index, minlength=len(tasks))
+    groups = counts[counts > 0]
+    if twin is None or (len(groups) and int(groups.min()) >= BY_TASK_FROM):
         return forward_by_task(model, x, task_index, tasks)
     stacked = {name: torch.stack([p[name] for p in per_task]) for name in per_task[0]}
     order = torch.argsort(task_index, stable=True)
     in_order = task_index.index_select(0, order)
-    counts = torch.bincount(in_order, minlength=len(tasks))
     x = _keep_layout(x.index_select(0, order), x)
     feats = functional_call(twin, _twin_tensors(twin, stacked, in_order, counts), (x,), strict=False)
     return feats.index_select(0, torch.argsort(order))  # back in batch order

@@ -188,7 +188,7 @@ class PatchedBackbone(nn.Module):
         tasks: task names; each gets a patch initialized from the backbone's current values.
         train_shared: also train the parameters no patch selects (joint multi-task training).
         lean_backward: keep for backward only what the trained parameters' gradients read
-            (``memory.use_memory_savers``; the same gradients).
+            (``memory.use_memory_savers``; the same gradients): ``"auto"``, ``True`` or ``False``.
     """
 
     def __init__(
@@ -198,11 +198,10 @@ class PatchedBackbone(nn.Module):
         tasks: Iterable[str],
         *,
         train_shared: bool = False,
-        lean_backward: bool = True,
+        lean_backward: bool | str = "auto",
     ):
         super().__init__()
-        if lean_backward:
-            use_memory_savers(backbone)
+        use_memory_savers(backbone, lean_backward)
         self.backbone = backbone
         self.patch = patch
         self.train_shared = train_shared

@@ -56,7 +56,8 @@ class PatchModule(L.LightningModule):
         mixing: the task-mixing mode (``modelpatch.data.mixing``), or its name; ``mix_seed`` seeds a named one.
         lean_backward: keep for backward only what the trained parameters' gradients read
             (``memory.use_memory_savers``: frozen convolutions and frozen-statistics BatchNorm keep
-            no input, ReLUs a mask): the same gradients, a fraction of the activation memory.
+            no input, ReLUs a mask): the same gradients, a fraction of the activation memory. ``"auto"``:
+            on the CPU only the ReLU savers (the others cost time there), elsewhere those and the convolutions'.
         meta: plain data saved as hyper-parameters (the run's config), for the record.
     """
 
@@ -73,7 +74,7 @@ class PatchModule(L.LightningModule):
         mixing: str | Mixing = "all",
         mix_seed: int = 0,
         channels_last: bool = False,
-        lean_backward: bool = True,
+        lean_backward: bool | str = "auto",
         meta: Mapping | None = None,
     ):
         super().__init__()

@@ -32,7 +32,6 @@ RESUME_KEYS = (
     "data.batch_size",
     "seed",
     "channels_last",
-    "lean_backward",
     "init_from",
     "trainer.precision",
     "trainer.accumulate_grad_batches",
