@@ -131,7 +131,7 @@ def check_savers(report: Report, args: argparse.Namespace) -> None:
                 base = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
             torch.manual_seed(2)  # the same dropout draws in each variant's first step
-            losses[variant] = one_step(case, False) if variant != "plain" else _plain_loss(case)
+            losses[variant] = one_step(case, False) if variant != "plain" else float(case.step())
             sync(device)
             peaks[variant] = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else float("nan")
         times = saver_cost.measure(cases, args.steps)
@@ -149,16 +149,6 @@ def check_savers(report: Report, args: argparse.Namespace) -> None:
         )
         report.add("savers", f"`{kind}`, channels-last", result, ok)
         del cases
-
-
-def _plain_loss(case) -> float:
-    """The first step's loss of ``saver_cost.PlainCase`` (its own input preparation)."""
-    case.opt.zero_grad(set_to_none=True)
-    x = (case.images.float().div_(255.0) - case.mean) / case.mean
-    loss = F.cross_entropy(case.model(x.contiguous(memory_format=torch.channels_last)), case.labels)
-    loss.backward()
-    case.opt.step()
-    return float(loss)
 
 
 def check_forward_mixed(report: Report, args: argparse.Namespace) -> None:

@@ -68,12 +68,15 @@ class PlainCase(Case):
         self.device = device
         self.times: list[float] = []
 
-    def step(self) -> None:
+    def step(self) -> torch.Tensor:
+        """One step; its loss."""
         self.opt.zero_grad(set_to_none=True)
         x = (self.images.float().div_(255.0) - self.mean) / self.mean
         x = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-        F.cross_entropy(self.model(x), self.labels).backward()
+        loss = F.cross_entropy(self.model(x), self.labels)
+        loss.backward()
         self.opt.step()
+        return loss
 
 
 def build(kind: str, channels_last: bool, device: str = "cpu", **size) -> dict[str, Case]:

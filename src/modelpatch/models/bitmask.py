@@ -65,8 +65,7 @@ def unpack(packed: PackedMask, dtype: torch.dtype) -> torch.Tensor:
     table of the 256 bytes (no pass over a byte-per-element mask, no cast after)."""
     n = math.prod(packed.shape)
     rows = _table(dtype, packed.bits.device).index_select(0, packed.bits.long())
-    inverse = sorted(range(len(packed.order)), key=packed.order.__getitem__)
-    return rows.view(-1)[:n].view([packed.shape[d] for d in packed.order]).permute(inverse)
+    return _in_order(rows.view(-1)[:n], packed.shape, packed.order)
 
 
 def has_kernel() -> bool:
@@ -110,8 +109,13 @@ def masked_grad(grad: torch.Tensor, packed: PackedMask) -> torch.Tensor | None:
 
 
 def _empty_in_order(shape: tuple[int, ...], order: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return _in_order(torch.empty(math.prod(shape), dtype=dtype), shape, order)
+
+
+def _in_order(flat: torch.Tensor, shape: tuple[int, ...], order: tuple[int, ...]) -> torch.Tensor:
+    """``flat`` (elements in memory order) seen as ``shape`` with the dimensions laid out in ``order``."""
     inverse = sorted(range(len(order)), key=order.__getitem__)
-    return torch.empty([shape[d] for d in order], dtype=dtype).permute(inverse)
+    return flat.view([shape[d] for d in order]).permute(inverse)
 
 
 def _threads() -> int:

@@ -28,6 +28,7 @@ mask may differ). Each falls back to the plain op when it cannot save, or when i
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -272,13 +273,19 @@ class LeanReLU(_MaskIfOutputFree, nn.ReLU):
         return _MaskedClamp.apply(x, None, self.inplace) if self._mask(x) else super().forward(x)
 
 
+@functools.cache
+def _representable(value: float, dtype: torch.dtype) -> bool:
+    """Whether ``value`` is exactly a value of ``dtype`` (checked once per pair, not on every forward)."""
+    return torch.tensor(value, dtype=dtype).item() == value
+
+
 class LeanReLU6(_MaskIfOutputFree, nn.ReLU6):
     """A ``ReLU6`` that keeps a 1-bit mask for backward instead of its input (its output when in
     place), when no other layer keeps that tensor."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the masks are taken from the output: max_val must be a value of x's dtype (6.0 is)
-        exact = self.min_val == 0.0 and torch.tensor(self.max_val, dtype=x.dtype).item() == self.max_val
+        exact = self.min_val == 0.0 and _representable(self.max_val, x.dtype)
         if not (exact and self._mask(x)):
             return super().forward(x)
         # under autocast the convolution keeps a cast copy, not this output
