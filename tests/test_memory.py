@@ -339,3 +339,11 @@ def test_savers_step_aside_under_vmap():
     images = torch.rand(4, 3, 32, 32)
     mixed = forward_mixed(model.model, images, torch.tensor([0, 1, 0, 1]), ["a", "b"])
     assert_close_scaled(mixed[:1], model.model(images[:1], "a"), rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_relu6_masks_only_where_its_bound_is_exact_in_the_dtype(dtype):
+    """The output-taken masks need max_val to be a value of the dtype; the check is arithmetic, so it
+    must agree with a round trip through a tensor."""
+    for value in (6.0, 6.03125, 0.1, 1 / 3, 65504.0, 70000.0, 1e-30, 3.0e38):
+        assert memory._representable(value, dtype) == (torch.tensor(value, dtype=dtype).item() == value), value

@@ -28,7 +28,7 @@ mask may differ). Each falls back to the plain op when it cannot save, or when i
 
 from __future__ import annotations
 
-import functools
+import math
 import operator
 
 import torch
@@ -273,10 +273,10 @@ class LeanReLU(_MaskIfOutputFree, nn.ReLU):
         return _MaskedClamp.apply(x, None, self.inplace) if self._mask(x) else super().forward(x)
 
 
-@functools.cache
 def _representable(value: float, dtype: torch.dtype) -> bool:
-    """Whether ``value`` is exactly a value of ``dtype`` (checked once per pair, not on every forward)."""
-    return torch.tensor(value, dtype=dtype).item() == value
+    """Whether ``value`` is exactly a normal value of the floating ``dtype`` (plain arithmetic: no tensor, no sync)."""
+    info = torch.finfo(dtype)
+    return info.tiny <= abs(value) <= info.max and (math.frexp(value)[0] * 2 / info.eps).is_integer()
 
 
 class LeanReLU6(_MaskIfOutputFree, nn.ReLU6):
@@ -285,8 +285,7 @@ class LeanReLU6(_MaskIfOutputFree, nn.ReLU6):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the masks are taken from the output: max_val must be a value of x's dtype (6.0 is)
-        exact = self.min_val == 0.0 and _representable(self.max_val, x.dtype)
-        if not (exact and self._mask(x)):
+        if not (self._mask(x) and self.min_val == 0.0 and _representable(self.max_val, x.dtype)):
             return super().forward(x)
         # under autocast the convolution keeps a cast copy, not this output
         if self._output_kept(x.device) and not torch.is_autocast_enabled(x.device.type):
