@@ -30,6 +30,7 @@ TINY = [
     "trainer.accelerator=cpu",
     "trainer.devices=1",
     "trainer.max_epochs=1",
+    "trainer.min_steps=0",
     "++trainer.limit_train_batches=3",
     "++trainer.limit_val_batches=2",
     "++trainer.limit_test_batches=2",

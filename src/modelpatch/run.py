@@ -24,7 +24,7 @@ from modelpatch.cluster.jobs import cluster_trainer_kwargs, threads_per_job
 from modelpatch.cluster.ranks import is_launch_rank_zero
 from modelpatch.config import ConfigError
 from modelpatch.data import TaskDataModule, TaskSpec, make_mixing, task_specs
-from modelpatch.data.steps import describe_steps
+from modelpatch.data.steps import describe_steps, steps_per_epoch
 from modelpatch.files.patch_files import export_patches, read_patch_file
 from modelpatch.files.patched_model import load_patched_model
 from modelpatch.files.results import RESULTS_FILE, make_results
@@ -32,6 +32,7 @@ from modelpatch.models.backbones import PRETRAINED, check_backbone_name
 from modelpatch.models.memory import check_mode as check_lean_mode
 from modelpatch.models.patches import parse_kind, resolve_patch
 from modelpatch.training import transfer
+from modelpatch.training.budget import apply_min_steps
 from modelpatch.training.checkpoints import read_init_checkpoint
 from modelpatch.training.compiling import compile_backbone, compile_backend
 from modelpatch.training.console import quiet_lightning
@@ -283,9 +284,12 @@ def make_trainer(cfg: DictConfig, datamodule: TaskDataModule, model: PatchModule
         **cluster,
         **({"strategy": strategy} if strategy is not None else {}),
     )
+    sizes = {t: len(datamodule.data[t].train.labels) for t in datamodule.train_tasks}
+    lengthened = apply_min_steps(trainer, steps_per_epoch(sizes, model.mixing, datamodule.batch_size, trainer.world_size))
     if trainer.is_global_zero:
-        sizes = {t: len(datamodule.data[t].train.labels) for t in datamodule.train_tasks}
         log.info(describe_steps(sizes, model.mixing, datamodule.batch_size, trainer.world_size))
+        if lengthened:
+            log.info(lengthened)
     setup_wandb(loggers, model.task_names)
     if loggers:
         trainer.logger.log_hyperparams({"config": OmegaConf.to_container(cfg, resolve=True)})

@@ -165,6 +165,11 @@ def _load(dataset: Dataset, indices: Sequence[int]):
     return default_collate([dataset[i] for i in indices])
 
 
+def steps_per_epoch(sizes: Mapping[str, int], mixing: Mixing, batch_size: int, world_size: int) -> int:
+    """Training steps (batches of a rank) in one epoch of tasks of ``sizes`` training samples."""
+    return len(StepSampler(sizes, mixing, batch_size, num_replicas=world_size, rank=0))
+
+
 def describe_steps(sizes: Mapping[str, int], mixing: Mixing, batch_size: int, world_size: int) -> str:
     """The line every run prints: ranks, global batch per task and step, steps per epoch."""
     sampler = StepSampler(sizes, mixing, batch_size, num_replicas=world_size, rank=0)
