@@ -73,6 +73,7 @@ CASES = [
     Case(["optim.name=bogus"], "optim.name='bogus'"),
     Case(["optim.scheduler=bogus"], "optim.scheduler='bogus'"),
     Case(["optim.patch_lr=-0.1"], "optim.patch_lr=-0.1"),
+    Case(["optim.lr=fast"], "optim.lr='fast': set a rate >= 0, or auto"),
     Case(["task.train_size=0"], "task.train_size"),
     Case(["task.train_size=1"], "task.train_size"),
     Case(["task.val_size=-5"], "task.val_size"),

@@ -57,7 +57,7 @@ def test_warmup_counts_the_steps_of_a_real_epoch_under_max_steps(make_cfg):
     _, objects = train(cfg)
     (rates,) = [c.rates for c in objects["trainer"].callbacks if isinstance(c, RecordRates)]
     assert objects["trainer"].global_step == 12 and len(rates) == 12
-    base = 0.05
+    base = cfg.optim.lr if cfg.optim.patch_lr is None else cfg.optim.patch_lr  # the patch kind's rate
     assert rates[:3] == pytest.approx([base / 3, 2 * base / 3, base])
     assert rates[3] == pytest.approx(base) and all(a > b for a, b in itertools.pairwise(rates[3:]))
 

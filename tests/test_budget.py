@@ -50,7 +50,20 @@ def test_a_small_task_trains_min_steps_and_validates_as_often_as_max_epochs_say(
 
 
 def test_min_steps_leaves_a_step_budget_and_a_long_enough_one_alone(make_cfg):
-    for overrides, global_step in ((["trainer.max_epochs=2", "trainer.max_steps=4"], 4), (["trainer.max_epochs=5"], 15)):
+    for overrides, global_step in (
+        (["trainer.max_epochs=2", "trainer.max_steps=4"], 4),
+        (["trainer.max_epochs=5"], 15),
+    ):
         cfg = make_cfg(*DIGITS, "test=false", "trainer.min_steps=14", *overrides, out="_".join(overrides))
         _, objects = train(cfg)
         assert objects["trainer"].global_step == global_step, overrides
+
+
+def test_debug_runs_its_few_batches_only(tmp_path):
+    from modelpatch.config import compose_run_config
+
+    from .support import CONF
+
+    cfg = compose_run_config(["debug=default"], tmp_path / "run", tmp_path / "data", config_dir=CONF)
+    t = cfg.trainer
+    assert repeats_for_min_steps(t.max_epochs, t.limit_train_batches, t.min_steps) == 1

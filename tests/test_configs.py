@@ -55,3 +55,24 @@ def test_experiment_files_state_their_command():
         text = path.read_text()
         assert text.startswith("# @package _global_"), path
         assert "python train.py" in text, path
+
+
+@pytest.mark.parametrize("kind", options("patch"))
+def test_each_patch_kind_brings_its_sgd_rates_and_what_the_user_sets_wins(make_cfg, kind):
+    patch = OmegaConf.load(CONF / "patch" / f"{kind}.yaml")
+    cfg = make_cfg(f"patch={kind}")
+    assert (cfg.optim.name, cfg.optim.patch_lr, cfg.optim.head_lr) == ("sgd", patch.lr, patch.head_lr)
+    assert patch.lr > 0 and patch.head_lr > 0
+    cfg = make_cfg(f"patch={kind}", "optim.patch_lr=0.02", "optim.head_lr=0.01")
+    assert (cfg.optim.patch_lr, cfg.optim.head_lr) == (0.02, 0.01)
+    for optim in ("adam", "rmsprop"):  # the kinds' rates are SGD's: another optimizer takes its own lr
+        cfg = make_cfg(f"patch={kind}", f"optim={optim}")
+        assert (cfg.optim.patch_lr, cfg.optim.head_lr) == (None, None)
+
+
+def test_from_scratch_and_multi_task_experiments_keep_one_rate(make_cfg):
+    for experiment in ("pretrain_fmnist_a", "pretrain_fmnist_64", "multitask_embedded"):
+        cfg = make_cfg(f"experiment={experiment}")
+        assert (cfg.optim.patch_lr, cfg.optim.head_lr) == (None, None), experiment
+    cfg = make_cfg("experiment=transfer_fmnist_b", "patch=bn")  # the transfer study takes the kind's rates
+    assert cfg.optim.patch_lr == OmegaConf.load(CONF / "patch" / "bn.yaml").lr

@@ -109,6 +109,15 @@ NOT_RUN = {
         "its last run); its three commands run here with the budget (docs/results.md, first block)"
     ),
     "make test": "the test suite itself, this test included",
+    "bash scripts/recipe_study.sh": (
+        "the recipe study: about 80 runs of 16-320 steps, 2 at a time (hours on 2 cores); docs/results.md#recipes "
+        "records its runs and wall times, and the stages' train.py multiruns are those of the transfer experiment "
+        "that README.md and make main run here with the budget"
+    ),
+    "python scripts/recipe_table.py runs/study --csv docs/recipes.csv": (
+        "reads the study's run folders (runs/study, made by the study above); tests/test_recipe_table.py runs it "
+        "on run folders it writes as train.py does"
+    ),
     "python train.py patch=bn+dw backbone.weights=imagenet": (
         "needs torchvision's ImageNet weights in the torch hub cache (a download: no internet here)"
     ),

@@ -39,6 +39,7 @@ from modelpatch.training.console import quiet_lightning
 from modelpatch.training.distributed import check_distributed, ddp_strategy
 from modelpatch.training.features import cache_features
 from modelpatch.training.loggers import setup_wandb, summarize_tested
+from modelpatch.training.lr_find import AUTO, choose_lr
 from modelpatch.training.module import PatchModule, TaskInfo
 from modelpatch.training.optim import OptimConfig, check_optim
 from modelpatch.training.resume import AtomicCheckpointIO, check_resume, resume_path
@@ -238,13 +239,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule, model = build(cfg)
     log.info(describe_params(model))
     trainer, loggers = make_trainer(cfg, datamodule, model)
+    found = None
     if cfg.get("train", True):
+        ckpt_path = resume_path(cfg, set_aside=is_launch_rank_zero())
+        if model.optim.lr == AUTO:
+            found = choose_lr(cfg, model, datamodule, trainer, ckpt_path)
         with warnings.catch_warnings():
             # frozen normalization layers (norm_stats=frozen, a fixed backbone) are in eval mode on purpose
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             # the datamodule resumes its sampler mid-epoch (TaskDataModule.state_dict), not the dataloader
             warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
-            ckpt_path = resume_path(cfg, set_aside=is_launch_rank_zero())
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = _floats(trainer.callback_metrics)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -260,7 +264,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         metrics.update(_floats(trainer.callback_metrics))
     summarize_tested(loggers, metrics)
     if trainer.is_global_zero:
-        write_outputs(cfg, model, metrics, wall_time_s=time.time() - start, checkpoint=best)
+        write_outputs(
+            cfg,
+            model,
+            metrics,
+            wall_time_s=time.time() - start,
+            checkpoint=best,
+            steps=trainer.global_step,
+            lr_find=found,
+        )
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 
 
@@ -285,7 +297,9 @@ def make_trainer(cfg: DictConfig, datamodule: TaskDataModule, model: PatchModule
         **({"strategy": strategy} if strategy is not None else {}),
     )
     sizes = {t: len(datamodule.data[t].train.labels) for t in datamodule.train_tasks}
-    lengthened = apply_min_steps(trainer, steps_per_epoch(sizes, model.mixing, datamodule.batch_size, trainer.world_size))
+    lengthened = apply_min_steps(
+        trainer, steps_per_epoch(sizes, model.mixing, datamodule.batch_size, trainer.world_size)
+    )
     if trainer.is_global_zero:
         log.info(describe_steps(sizes, model.mixing, datamodule.batch_size, trainer.world_size))
         if lengthened:

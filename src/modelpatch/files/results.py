@@ -18,9 +18,10 @@ RESULTS_FILE = "results.json"
 
 
 def make_results(
-    cfg: DictConfig, model: PatchModule, metrics: dict[str, float], *, wall_time_s: float, checkpoint: str = ""
+    cfg: DictConfig, model: PatchModule, metrics: dict[str, float], *, wall_time_s: float, checkpoint: str = "", **run
 ) -> dict:
-    """The ``results.json`` object (see docs/architecture.md for the contract)."""
+    """The ``results.json`` object (see docs/architecture.md for the contract); ``run``: what the run recorded
+    besides (``steps``, ``lr_find``)."""
     from hydra.core.hydra_config import HydraConfig
 
     from modelpatch.files.patch_files import patch_bytes
@@ -65,8 +66,17 @@ def make_results(
         "val_acc": metrics.get("val/acc"),
         "seed": cfg.seed,
         "epochs": cfg.trainer.get("max_epochs"),
+        "steps": run.get("steps"),
+        "lr": base_rates(model),
+        "lr_find": run.get("lr_find"),
         "wall_time_s": round(wall_time_s, 2),
         "overrides": overrides,
         "checkpoint": checkpoint,
         "output_dir": str(cfg.paths.output_dir),
     }
+
+
+def base_rates(model: PatchModule) -> dict[str, float | str]:
+    """The patch's and the head's base learning rates (``optim.patch_lr``/``head_lr``, else ``optim.lr``)."""
+    o = model.optim
+    return {"patch": o.lr if o.patch_lr is None else o.patch_lr, "head": o.lr if o.head_lr is None else o.head_lr}

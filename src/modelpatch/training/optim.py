@@ -9,10 +9,11 @@ import torch
 
 @dataclass
 class OptimConfig:
-    """Optimizer and schedule. ``None`` learning rates fall back to ``lr`` (``0.0`` is a rate: frozen)."""
+    """Optimizer and schedule. ``None`` learning rates fall back to ``lr`` (``0.0`` is a rate: frozen); ``lr="auto"``:
+    the learning-rate finder sets every rate before training (``training.lr_find``)."""
 
     name: str = "sgd"
-    lr: float = 0.05
+    lr: float | str = 0.05
     patch_lr: float | None = None
     head_lr: float | None = None
     shared_lr: float | None = None
@@ -34,9 +35,13 @@ def check_optim(optim: OptimConfig) -> None:
         raise ValueError(f"optim.name={optim.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
     if optim.scheduler not in SCHEDULERS:
         raise ValueError(f"optim.scheduler={optim.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    if isinstance(optim.lr, str) and optim.lr != "auto":
+        raise ValueError(f"optim.lr={optim.lr!r}: set a rate >= 0, or auto (Lightning's learning-rate finder)")
     for key in ("lr", "patch_lr", "head_lr", "shared_lr", "warmup_epochs"):
         value = getattr(optim, key)
-        if value is not None and value < 0:
+        if isinstance(value, str) and key != "lr":
+            raise ValueError(f"optim.{key}={value!r}: set a rate >= 0, or null (optim.lr)")
+        if value is not None and not isinstance(value, str) and value < 0:
             raise ValueError(f"optim.{key}={value} is negative; use a rate >= 0 (null: optim.lr)")
 
 
@@ -49,9 +54,12 @@ def make_optimizer(groups: list[dict], optim: OptimConfig) -> torch.optim.Optimi
     return torch.optim.Adam(groups, lr=optim.lr)
 
 
-def rate(value: float | None, default: float) -> float:
+def rate(value: float | None, default: float | str) -> float:
     """A group's learning rate: its own when set (``0.0`` too), else ``default``."""
-    return default if value is None else value
+    chosen = default if value is None else value
+    if isinstance(chosen, str):
+        raise ValueError(f"optim.lr={chosen}: the learning-rate finder sets it before training (run.train)")
+    return chosen
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LRScheduler:
