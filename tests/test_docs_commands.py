@@ -98,7 +98,7 @@ MEASUREMENT_ROW = (
     "with other numbers (batch size, learning rate, warmup), which runs here (time spared): "
 )
 SAME_AS_RERUN = (
-    "the study's first run; the same multirun, plus threads=1, is the rerun below it (docs/results.md:101-102), "
+    "the study's first run; the same multirun, plus threads=1, is the rerun below it (docs/results.md:219-221), "
     "which runs here: time spared"
 )
 
