@@ -22,11 +22,11 @@ def main(overrides: list[str]) -> None:
     mixing = make_mixing(cfg.task.get("mixing", "all"), seed=cfg.seed)
     datamodule = TaskDataModule(specs, root=cfg.data.root, batch_size=cfg.data.batch_size, mixing=mixing)
     datamodule.setup()
-    for spec in specs:
-        n = len(datamodule.data[spec.name].train.labels)
-        print(f"{spec.name}: {n} training images, {-(-n // cfg.data.batch_size)} batches of {cfg.data.batch_size}")
     loader = datamodule.train_dataloader()
     iter(loader)
+    for spec in specs:  # a pass's batches as the sampler cuts them (a last batch under half a batch left out)
+        n, batches = len(datamodule.data[spec.name].train.labels), loader.sampler.batches[spec.name]
+        print(f"{spec.name}: {n} training images, {batches} batches of {cfg.data.batch_size}")
     print(f"one epoch (task.mixing={mixing.name}, one process): {len(loader)} steps")
 
 

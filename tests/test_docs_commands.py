@@ -98,8 +98,13 @@ MEASUREMENT_ROW = (
     "with other numbers (batch size, learning rate, warmup), which runs here (time spared): "
 )
 SAME_AS_RERUN = (
-    "the study's first run; the same multirun, plus threads=1, is the rerun below it (docs/results.md:219-221), "
-    "which runs here: time spared"
+    "the study's first run; the same multirun, plus threads=1, is the rerun below it (docs/results.md, its "
+    "multi-task section), which runs here: time spared"
+)
+
+RECIPE_TABLE = (
+    "reads the study's run folders (runs/study, made by the study above); tests/test_recipe_table.py runs it "
+    "on run folders it writes as train.py does"
 )
 
 # Documented commands that do not run here (normalized text: comments dropped, whitespace collapsed) -> why.
@@ -110,14 +115,12 @@ NOT_RUN = {
     ),
     "make test": "the test suite itself, this test included",
     "bash scripts/recipe_study.sh": (
-        "the recipe study: about 80 runs of 16-320 steps, 2 at a time (hours on 2 cores); docs/results.md#recipes "
+        "the recipe study: about 170 runs of 16-600 steps, 2 at a time (hours on 2 cores); docs/results.md#recipes "
         "records its runs and wall times, and the stages' train.py multiruns are those of the transfer experiment "
         "that README.md and make main run here with the budget"
     ),
-    "python scripts/recipe_table.py runs/study --csv docs/recipes.csv": (
-        "reads the study's run folders (runs/study, made by the study above); tests/test_recipe_table.py runs it "
-        "on run folders it writes as train.py does"
-    ),
+    "python scripts/recipe_table.py runs/study --csv docs/recipes.csv --plot docs/img/recipes.png": RECIPE_TABLE,
+    "python scripts/recipe_table.py runs/study_before_fix": RECIPE_TABLE,
     "python train.py patch=bn+dw backbone.weights=imagenet": (
         "needs torchvision's ImageNet weights in the torch hub cache (a download: no internet here)"
     ),

@@ -125,10 +125,27 @@ def test_resumed_mid_epoch_the_run_continues_the_same_order(make_cfg, tmp_path, 
     assert first + resumed == reference
 
 
-def test_a_last_batch_of_one_sample_joins_the_one_before(make_cfg, fashion_mnist):
-    """BatchNorm cannot train on one sample: 129 images at batch 16 are 7 batches of 16 and one of 17."""
-    cfg = make_cfg("task=fmnist_b", "task.train_size=129", "patch=bn", "++trainer.limit_train_batches=1.0", *MIX[-2:])
+@pytest.mark.parametrize(
+    ("size", "batches"),
+    [
+        (129, [16] * 8),  # one sample left: BatchNorm cannot train on it
+        (135, [16] * 8),  # 7 left, under half a batch: a step of its own would be a loss spike
+        (136, [16] * 8 + [8]),  # half a batch: a step of its own
+        (10, [10]),  # under one batch: one step
+    ],
+)
+def test_a_last_batch_under_half_a_batch_is_left_out_of_the_epoch(make_cfg, fashion_mnist, size, batches):
+    """No batch exceeds the batch size; what is left out is a different few images each epoch."""
+    cfg = make_cfg("task=fmnist_b", f"task.train_size={size}", "patch=bn", "++trainer.limit_train_batches=1.0",
+                   *MIX[-2:])  # fmt: skip
     _, objects = train(cfg)
     sampler = objects["datamodule"].train_dataloader().sampler  # the trainer drops its loader when it re-validates
-    assert [len(step["fmnist_b"]) for step in sampler] == [16] * 7 + [17]
-    assert objects["trainer"].global_step == 8
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        epochs.append([i for step in sampler for i in step["fmnist_b"]])
+        assert [len(step["fmnist_b"]) for step in sampler] == batches
+        assert len(set(epochs[-1])) == sum(batches) and set(epochs[-1]) <= set(range(size))
+    if sum(batches) < size:
+        assert set(epochs[0]) != set(epochs[1])
+    assert objects["trainer"].global_step == len(batches) * objects["trainer"].max_epochs

@@ -7,18 +7,37 @@ import json
 
 import yaml
 
-from scripts.recipe_table import OLD, default_recipe, gather, tables
+from scripts.recipe_table import OLD, chosen, default_recipe, gather, plot, tables
 
 
-def write_run(folder, kind, size, seed, test, val, *, name="sgd", lr=0.3, patch_lr=None, head_lr=None, min_steps=300):
+def write_run(
+    folder,
+    kind,
+    size,
+    seed,
+    test,
+    val,
+    *,
+    name="sgd",
+    lr=0.3,
+    patch_lr=None,
+    head_lr=None,
+    min_steps=300,
+    backbone=None,
+):
     folder.mkdir(parents=True)
     config = {
         "task": {"name": "fmnist_b", "train_size": size},
         "optim": {"name": name, "lr": lr, "patch_lr": patch_lr, "head_lr": head_lr},
         "trainer": {"min_steps": min_steps, "max_epochs": 8},
     }
+    if backbone:
+        config["backbone"] = {"name": backbone}
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
-    (folder / "results.json").write_text(json.dumps({"patch": kind, "seed": seed, "test_acc": test, "val_acc": val}))
+    params = {"logits": 6_405, "bn": 40_805}.get(kind, 100_000)
+    task = {"test_acc": test, "val_acc": val, "params_patch": params - 6_405, "params_head": 6_405}
+    result = {"patch": kind, "seed": seed, "test_acc": test, "val_acc": val, "tasks": {"fmnist_b": task}}
+    (folder / "results.json").write_text(json.dumps(result))
 
 
 def test_old_new_and_best_side_by_side(tmp_path):
@@ -32,6 +51,7 @@ def test_old_new_and_best_side_by_side(tmp_path):
     write_run(tmp_path / "sweep" / "0", "bn", 250, 0, 0.84, 0.86, name="rmsprop", lr=0.001)
     write_run(tmp_path / "sweep" / "1", "bn", 250, 0, 0.88, 0.80, name="adam", lr=0.01)
     write_run(tmp_path / "other" / "0", "bn", 1000, 0, 0.91, 0.91)
+    write_run(tmp_path / "r18" / "0", "bn", 250, 0, 0.99, 0.99, backbone="resnet18")  # another backbone's table
     # optim.lr=auto: its own column, never the best swept, though its validation accuracy is the highest
     write_run(tmp_path / "auto" / "0", "bn", 250, 0, 0.90, 0.95, lr="auto")
     result = json.loads((tmp_path / "auto" / "0" / "results.json").read_text())
@@ -41,7 +61,23 @@ def test_old_new_and_best_side_by_side(tmp_path):
     text = tables(groups)
     row = next(line for line in text.splitlines() if line.startswith("| bn |"))
     assert row == (
-        "| bn | 0.7100 ± 0.0141 (2) | 0.8500 ± 0.0000 (3) | 0.8400 (1 seed) | rmsprop 0.001, 8 ep, >= 300 steps | 4 "
-        "| 0.9000 (1 seed) at 0.042 |"
+        "| bn | 0.7100 ± 0.0141 (2) | 0.8500 ± 0.0000 (3) | 0.8400 (1 seed) | rmsprop 0.001, 8 ep, >= 300 steps "
+        "| +1.0 | 4 | 0.9000 (1 seed) at 0.042 |"
     )
     assert "**1,000 training images**" in text
+    assert [g["test"] for g in gather(tmp_path, "resnet18").values()] == [[0.99]]
+
+
+def test_the_plot_draws_each_size_from_the_chosen_recipes(tmp_path):
+    runs = tmp_path / "runs"
+    new = default_recipe("logits")
+    write_run(runs / "old", "logits", 250, 0, 0.55, 0.56, lr=0.05, patch_lr=0.1, min_steps=0)
+    write_run(runs / "new", "logits", 250, 0, 0.80, 0.80, lr=new[1], min_steps=new[3])
+    write_run(runs / "hi", "logits", 250, 0, 0.81, 0.82, lr=1.0)
+    write_run(runs / "k", "logits", 1000, 0, 0.83, 0.83, lr=new[1], min_steps=new[3])
+    groups = gather(runs)
+    mine = {r: g for (size, kind, r), g in groups.items() if size == 250}
+    assert chosen(mine) == {"before the study": OLD, "defaults now": new, "best swept": ("sgd", 1.0, 1.0, 300, 8)}
+    plot(groups, tmp_path / "recipes.png")
+    assert (tmp_path / "recipes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes.png", "runs"]  # nothing half-written beside it

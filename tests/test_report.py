@@ -53,13 +53,16 @@ def test_seeds_are_averaged_and_other_settings_are_not(tmp_path):
 
 
 def test_a_pareto_front_per_backbone_and_setting(tmp_path):
-    """Pooled, resnet18's bn (more parameters, lower accuracy than mobilenet's full) would be off the front."""
+    """Pooled, resnet18's bn (more parameters, lower accuracy than mobilenet's full) would be off the front;
+    so would the default recipe's bn (0.70) beside another rate's (0.85)."""
     runs = [
         result({"a": (0.70, 100)}, patch="bn"),
         result({"a": (0.90, 5000)}, patch="full"),
         result({"a": (0.80, 300)}, patch="bn", backbone="resnet18"),
         result({"a": (0.75, 200)}, patch="logits", backbone="resnet18"),
         result({"a": (0.95, 400)}, patch="bn", train_shared=True),
+        result({"a": (0.60, 50)}, patch="logits", overrides=["optim.lr=0.3"]),  # another recipe: its own front
+        result({"a": (0.85, 100)}, patch="bn", overrides=["optim.lr=0.3"]),
     ]
     means = aggregate(rows(collect(write(tmp_path, runs))))
     got = {setting: front for (task, setting), front in fronts(means).items()}
@@ -67,8 +70,9 @@ def test_a_pareto_front_per_backbone_and_setting(tmp_path):
         "mobilenet_v2@1.0, imagenet, norm_stats=task": [(100, 0.70), (5000, 0.90)],
         "resnet18@1.0, imagenet, norm_stats=task": [(200, 0.75), (300, 0.80)],
         "mobilenet_v2@1.0, imagenet, norm_stats=task, train_shared": [(400, 0.95)],
+        "mobilenet_v2@1.0, imagenet, norm_stats=task, optim.lr=0.3": [(50, 0.60), (100, 0.85)],
     }
-    assert setting_label({**means[0], "run_tasks": 3}).endswith(", 3 tasks")
+    assert setting_label({**means[0], "run_tasks": 3, "overrides": ""}).endswith(", 3 tasks")
 
 
 def test_k_tasks_in_one_model_against_k_models_table_and_plots(tmp_path):

@@ -134,14 +134,19 @@ class StepSampler(DistributedSampler):
             order = torch.cat([order, order[: padded - n]]) if padded > n else order
             share = order[j::w].tolist()
             for b in range(_num_batches(len(share), self.batch_size)):
-                last = b == _num_batches(len(share), self.batch_size) - 1
-                yield share[b * self.batch_size : None if last else (b + 1) * self.batch_size]
+                yield share[b * self.batch_size : (b + 1) * self.batch_size]
 
 
 def _num_batches(n: int, batch_size: int) -> int:
-    """Batches of ``n`` samples; a last batch of one sample joins the one before (BatchNorm cannot train on
-    a single sample)."""
-    return max(1, n // batch_size) if n % batch_size == 1 else math.ceil(n / batch_size)
+    """Batches an epoch makes of ``n`` samples: a last batch of under half a batch (or of one sample) is left
+    out, a different one each epoch (the order is shuffled), so that no batch exceeds ``batch_size``.
+
+    A step of its own on a few samples normalizes them by their own statistics, and its gradient counts as
+    much as a full batch's: with 5,000 images at batch 128, the 8 left made each epoch's last step a loss
+    spike that derailed patch training (docs/results.md#recipes). One sample cannot train BatchNorm.
+    """
+    full, rest = divmod(n, batch_size)
+    return full if full and rest and (rest == 1 or 2 * rest < batch_size) else math.ceil(n / batch_size)
 
 
 class StepDataset(Dataset):

@@ -13,6 +13,7 @@ import csv
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 from modelpatch.atomic import atomic_write
@@ -167,9 +168,11 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def setting_label(row: dict) -> str:
-    """What a Pareto front holds fixed, in words: backbone, weights, statistics, shared training, tasks."""
+    """What a Pareto front holds fixed, in words: backbone, weights, statistics, shared training, tasks, and
+    the overrides that make the setting (a rate swept: a front per rate)."""
     parts = [row["backbone"], str(row["weights"]), f"norm_stats={row['norm_stats']}"]
     parts += ["train_shared"] * bool(row["train_shared"]) + [f"{row['run_tasks']} tasks"] * (row["run_tasks"] > 1)
+    parts += [row["overrides"]] * bool(row.get("overrides"))
     return ", ".join(parts)
 
 
@@ -204,7 +207,8 @@ def plot(means: list[dict], path: Path) -> None:
                 continue
             xs, ys = [r["params_task"] for r in pts], [r["test_acc"] for r in pts]
             err = [r["test_acc_std"] or 0.0 for r in pts]
-            ax.errorbar(xs, ys, yerr=err, fmt="o", color=colors[setting], label=setting, zorder=3, capsize=2)
+            label = textwrap.fill(setting, 60)
+            ax.errorbar(xs, ys, yerr=err, fmt="o", color=colors[setting], label=label, zorder=3, capsize=2)
             for r in pts:
                 label = r["patch"] + (f" (n={r['n']})" if r["n"] > 1 else "")
                 ax.annotate(
