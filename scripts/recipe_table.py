@@ -1,12 +1,15 @@
 """The recipe study's tables (docs/results.md#recipes): per training size and patch kind, the defaults before
 the study, the defaults now, and the best recipe swept, each as the mean test accuracy over its seeds.
 
-    python scripts/recipe_table.py runs/study [--csv docs/recipes.csv] [--plot docs/recipes.png]
+    python scripts/recipe_table.py runs/study [--csv docs/recipes.csv] [--plot docs/img/recipes.png]
+    python scripts/recipe_table.py runs/study --backbone resnet18
 
 A recipe is what a run trained with, read from its resolved ``config.yaml``: optimizer, the patch's and the
-head's rate, ``trainer.min_steps`` and ``trainer.max_epochs``. Runs of one recipe that differ in their seed are
-averaged. "best" is the recipe with the highest mean validation accuracy (the test split chooses nothing);
-runs with ``optim.lr=auto`` have a column of their own (one recipe per seed: the finder's rate).
+head's rate, ``trainer.min_steps``, ``trainer.max_epochs`` and ``optim.warmup_epochs``. Runs of one recipe that
+differ in their seed are averaged. "best" is the recipe with the highest mean validation accuracy (the test
+split chooses nothing); runs with ``optim.lr=auto`` have a column of their own (one recipe per seed: the
+finder's rate). Stages that repeat a recipe and seed count it once (the first folder in path order); a repeat
+that reached another accuracy (another thread count: another rounding) is reported on stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import csv
 import json
 import statistics
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,19 +28,20 @@ from modelpatch.atomic import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("logits", "bias", "bn", "dw", "bn+dw", "full")
-OLD = ("sgd", 0.1, 0.05, 0, 8)  # before the study: 8 epochs whatever the size, patch 0.1, head 0.05
+OLD = ("sgd", 0.1, 0.05, 0, 8, 0.0)  # before the study: 8 epochs whatever the size, patch 0.1, head 0.05
 
 
 def recipe(config: dict, result: dict) -> tuple:
-    """(optimizer, patch rate, head rate, min_steps, max_epochs) of a resolved run config; under
+    """(optimizer, patch rate, head rate, min_steps, max_epochs, warmup epochs) of a resolved run config; under
     ``optim.lr=auto`` the optimizer reads "<name> auto" and the rates are the finder's (results.json)."""
     optim, trainer = config["optim"], config["trainer"]
+    budget = int(trainer.get("min_steps") or 0), trainer["max_epochs"], float(optim.get("warmup_epochs") or 0)
     if optim["lr"] == "auto":
         found = float(result["lr_find"]["lr"])
-        return f"{optim['name']} auto", found, found, int(trainer.get("min_steps") or 0), trainer["max_epochs"]
+        return f"{optim['name']} auto", found, found, *budget
     patch_lr = optim["patch_lr"] if optim["patch_lr"] is not None else optim["lr"]
     head_lr = optim["head_lr"] if optim["head_lr"] is not None else optim["lr"]
-    return optim["name"], float(patch_lr), float(head_lr), int(trainer.get("min_steps") or 0), trainer["max_epochs"]
+    return optim["name"], float(patch_lr), float(head_lr), *budget
 
 
 def default_recipe(kind: str) -> tuple:
@@ -46,13 +51,17 @@ def default_recipe(kind: str) -> tuple:
     trainer = yaml.safe_load((ROOT / "conf" / "trainer" / "default.yaml").read_text())
     lr = train["optim"]["lr"]
     patch_lr, head_lr = patch.get("lr", lr) or lr, patch.get("head_lr", lr) or lr
-    return "sgd", float(patch_lr), float(head_lr), int(trainer["min_steps"]), 8
+    return "sgd", float(patch_lr), float(head_lr), int(trainer["min_steps"]), 8, float(train["optim"]["warmup_epochs"])
 
 
 def describe(r: tuple) -> str:
-    name, patch_lr, head_lr, min_steps, epochs = r
+    name, patch_lr, head_lr, min_steps, epochs, warmup = r
     rates = f"{patch_lr:g}" if patch_lr == head_lr else f"{patch_lr:g}/{head_lr:g}"
-    budget = f"{epochs} ep" + (f", >= {min_steps} steps" if min_steps else "")
+    budget = (
+        f"{epochs} ep"
+        + (f", >= {min_steps} steps" if min_steps else "")
+        + (f", warmup {warmup:g} ep" if warmup else "")
+    )
     return f"{name} {rates}, {budget}"
 
 
@@ -71,11 +80,21 @@ def gather(root: Path, backbone: str = "mobilenet_v2") -> dict[tuple, dict]:
             continue
         key = (config["task"]["train_size"], result["patch"], recipe(config, result))
         g = groups[key]
+        run = str(path.parent.relative_to(root))
+        if result["seed"] in g["seeds"]:
+            first = g["seeds"].index(result["seed"])
+            if g["test"][first] != result["test_acc"]:
+                reached = f"test accuracy {result['test_acc']:.4f}, not {g['test'][first]:.4f}"
+                print(
+                    f"{run} repeats {g['runs'][first]} (seed {result['seed']}) with {reached}; counted once",
+                    file=sys.stderr,
+                )
+            continue
         g["kind"] = result["patch"]
         g["test"].append(result["test_acc"])
         g["val"].append(result["val_acc"])
         g["seeds"].append(result["seed"])
-        g["runs"].append(str(path.parent.relative_to(root)))
+        g["runs"].append(run)
         task = result.get("tasks", {}).get("fmnist_b", {})
         g["params"] = task.get("params_patch", 0) + task.get("params_head", 0)
     return groups
@@ -142,7 +161,7 @@ def write_csv(groups: dict[tuple, dict], path: Path) -> None:
         with tmp.open("w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["train_size", "patch", "optim", "patch_lr", "head_lr", "min_steps", "max_epochs",
-                             "test_acc", "val_acc", "n", "seeds", "runs"])  # fmt: skip
+                             "warmup_epochs", "test_acc", "val_acc", "n", "seeds", "runs"])  # fmt: skip
             for (size, kind, r), g in sorted(groups.items(), key=lambda item: (item[0][0], KINDS.index(item[0][1]))):
                 test, val = round(statistics.fmean(g["test"]), 4), round(statistics.fmean(g["val"]), 4)
                 writer.writerow(

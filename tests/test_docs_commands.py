@@ -116,12 +116,12 @@ NOT_RUN = {
     ),
     "make test": "the test suite itself, this test included",
     "bash scripts/recipe_study.sh": (
-        "the recipe study: about 170 runs of 16-600 steps, 2 at a time (hours on 2 cores); docs/results.md#recipes "
-        "records its runs and wall times, and the stages' train.py multiruns are those of the transfer experiment "
-        "that README.md and make main run here with the budget"
+        "the recipe study: about 270 runs of 16-600 steps, 2 at a time (about 2.5 h on 2 cores); "
+        "docs/results.md#recipes records its runs and wall times, and the stages' train.py multiruns are those "
+        "of the transfer experiment that README.md and make main run here with the budget"
     ),
     "python scripts/recipe_table.py runs/study --csv docs/recipes.csv --plot docs/img/recipes.png": RECIPE_TABLE,
-    "python scripts/recipe_table.py runs/study_before_fix": RECIPE_TABLE,
+    "python scripts/recipe_table.py runs/study --backbone resnet18": RECIPE_TABLE,
     "python train.py patch=bn+dw backbone.weights=imagenet": (
         "needs torchvision's ImageNet weights in the torch hub cache (a download: no internet here)"
     ),

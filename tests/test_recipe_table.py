@@ -24,11 +24,12 @@ def write_run(
     head_lr=None,
     min_steps=300,
     backbone=None,
+    warmup=None,
 ):
     folder.mkdir(parents=True)
     config = {
         "task": {"name": "fmnist_b", "train_size": size},
-        "optim": {"name": name, "lr": lr, "patch_lr": patch_lr, "head_lr": head_lr},
+        "optim": {"name": name, "lr": lr, "patch_lr": patch_lr, "head_lr": head_lr, "warmup_epochs": warmup},
         "trainer": {"min_steps": min_steps, "max_epochs": 8},
     }
     if backbone:
@@ -77,7 +78,20 @@ def test_the_plot_draws_each_size_from_the_chosen_recipes(tmp_path):
     write_run(runs / "k", "logits", 1000, 0, 0.83, 0.83, lr=new[1], min_steps=new[3])
     groups = gather(runs)
     mine = {r: g for (size, kind, r), g in groups.items() if size == 250}
-    assert chosen(mine) == {"before the study": OLD, "defaults now": new, "best swept": ("sgd", 1.0, 1.0, 300, 8)}
+    assert chosen(mine) == {"before the study": OLD, "defaults now": new, "best swept": ("sgd", 1.0, 1.0, 300, 8, 0.0)}
     plot(groups, tmp_path / "recipes.png")
     assert (tmp_path / "recipes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes.png", "runs"]  # nothing half-written beside it
+
+
+def test_a_recipe_and_seed_run_twice_counts_once(tmp_path, capsys):
+    write_run(tmp_path / "a" / "0", "bn", 250, 0, 0.85, 0.84)
+    write_run(tmp_path / "b" / "0", "bn", 250, 0, 0.85, 0.84)  # the same run again, as another stage repeats it
+    write_run(tmp_path / "b" / "1", "bn", 250, 1, 0.83, 0.82)
+    write_run(tmp_path / "c" / "0", "bn", 250, 0, 0.80, 0.79)  # a repeat that reached another accuracy
+    write_run(tmp_path / "d" / "0", "bn", 250, 0, 0.86, 0.85, warmup=1)  # another recipe: a warmup epoch
+    g, warm = gather(tmp_path).values()
+    assert warm["runs"] == ["d/0"] and "warmup 1 ep" in tables(gather(tmp_path))
+    assert (g["test"], g["seeds"], g["runs"]) == ([0.85, 0.83], [0, 1], ["a/0", "b/1"])
+    err = capsys.readouterr().err
+    assert "c/0 repeats a/0 (seed 0) with test accuracy 0.8000, not 0.8500" in err and "b/0" not in err
