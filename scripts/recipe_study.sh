@@ -89,5 +89,6 @@ stage() {
 }
 
 STAGES=(pretrain s1_sgd s1_adam s1_rmsprop s1_sgd_hi s2_250_a s2_250_b s2_250_c s2_5000_a s2_5000_b seeds d5000
-  bias_5000 warm_5000 bias_seeds bias_02 full_head s3_steps b250 best_seeds old old_5000 old_5000_seeds auto r18_pretrain r18 r18_seeds r18_250 r18_bias)
+  bias_5000 warm_5000 bias_seeds bias_02 full_head s3_steps b250 best_seeds old old_5000 old_5000_seeds auto
+  r18_pretrain r18 r18_seeds r18_250 r18_bias)
 for s in "${@:-${STAGES[@]}}"; do stage "$s"; done

@@ -116,7 +116,7 @@ NOT_RUN = {
     ),
     "make test": "the test suite itself, this test included",
     "bash scripts/recipe_study.sh": (
-        "the recipe study: about 270 runs of 16-600 steps, 2 at a time (about 2.5 h on 2 cores); "
+        "the recipe study: about 255 runs of 16-600 steps, 2 at a time (about 2.5 h on 2 cores); "
         "docs/results.md#recipes records its runs and wall times, and the stages' train.py multiruns are those "
         "of the transfer experiment that README.md and make main run here with the budget"
     ),
