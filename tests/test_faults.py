@@ -18,7 +18,7 @@ from modelpatch.data.steps import Step, StepDataset, seeded
 from modelpatch.training.csv_log import ContinuedWriter
 from modelpatch.training.resume import check_resume, choose_resume, read_resumable, resume_candidates, resume_path
 
-from .faults import finish_reference, run_killed, run_state, start_reference
+from .faults import checkpoint_state, finish_reference, run_killed, run_state, start_reference
 from .support import CLI_TINY, SMALL_MIX
 
 REPLACED = ("trainer.max_epochs", "trainer.limit_train_batches", "data.num_workers")
@@ -44,7 +44,8 @@ def assert_same_run(killed: dict, reference: dict) -> None:
 SINGLE = [
     "task=fmnist_b", "task.train_size=128", "+task.augment=true", "data.num_workers=2",
     "trainer.max_epochs=3", "++trainer.limit_train_batches=4", "callbacks.model_checkpoint.every_n_train_steps=2",
-    # one rate, 0.05 (not bn's 0.1): the best checkpoint is then not the final one, so the last start trains on
+    # one rate, 0.05 (not bn's 0.1): here the best checkpoint is then not the final one, so the last start trains
+    # on from it (where it is the final one, the start resumes at the end: the test after this one's case)
     "optim.patch_lr=null", "optim.head_lr=null",
 ]  # fmt: skip
 SINGLE_KILLS = [("validation", 3), ("checkpoint_write", 10), ("test", 0)]
@@ -132,7 +133,7 @@ def test_an_unreadable_last_checkpoint_is_passed_over_for_the_newest_readable_on
     assert choice.path == step and [p for p, _ in choice.unreadable] == [last, newer]
     host = socket.gethostname()
     dead = folder / f".last.ckpt.4194304@{host}.tmp"  # above any pid_max
-    alive, elsewhere = folder / f".last.ckpt.{os.getpid()}@{host}.tmp", folder / f".last.ckpt.4194304@x{host}.tmp"
+    alive, elsewhere = folder / f".last.ckpt.{os.getppid()}@{host}.tmp", folder / f".last.ckpt.4194304@x{host}.tmp"
     for tmp in (dead, alive, elsewhere):
         tmp.write_bytes(b"half")
     assert resume_path(cfg, set_aside=False) == str(step)
@@ -146,14 +147,30 @@ def test_an_unreadable_last_checkpoint_is_passed_over_for_the_newest_readable_on
 
     assert resume_path(cfg) == str(step)
     assert not dead.exists() and alive.exists() and elsewhere.exists()  # running, or another machine's: kept
-    assert not last.exists() and not newer.exists()
+    assert not newer.exists() and last.read_bytes() == step.read_bytes()  # the newest state, until the next save
     assert (folder / "last.ckpt.unreadable").is_file() and (folder / "epoch1.ckpt.unreadable").is_file()
 
-    for path in (step, best):
+    for path in (last, step, best):
         path.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match=r"no readable checkpoint .*They are kept; run with resume=false"):
         check_resume(cfg)
-    assert all(p.exists() for p in (step, best))
+    assert all(p.exists() for p in (last, step, best))
+
+
+def test_a_run_resumed_at_its_end_from_another_checkpoint_leaves_a_last_checkpoint(make_cfg, tmp_path):
+    """last.ckpt cut short after the final step, the final state readable only as best.ckpt: the run restarts at
+    its end (Lightning trains no step, so writes no checkpoint) and still ends with last.ckpt, the final state."""
+    from modelpatch.run import train
+
+    cfg, folder = write_checkpoint_dir(make_cfg, tmp_path)
+    last, best = folder / "last.ckpt", folder / "best.ckpt"
+    final = checkpoint_state(last)
+    best.write_bytes(last.read_bytes())
+    with open(last, "r+b") as f:
+        f.truncate(last.stat().st_size // 2)
+    train(cfg)
+    assert checkpoint_state(last) == final and checkpoint_state(best) == final
+    assert (folder / "last.ckpt.unreadable").is_file()
 
 
 def test_the_csv_log_is_continued_and_cut_back_to_the_checkpoints_rows(tmp_path):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from modelpatch.reporting.report import COLUMNS
-from modelpatch.reporting.report import main as report_main
 
-from .support import CLI_TINY, train_py
+from .support import CLI_TINY, ROOT, train_py
 from .wandb_offline import read_offline_run
 
 
@@ -62,7 +63,11 @@ def test_training_run_logs_params_and_best_accuracy_to_wandb(wandb_run):
 def test_report_logs_table_and_plot_to_a_wandb_run(wandb_run, tmp_path):
     out, _ = wandb_run
     report = tmp_path / "report"
-    assert report_main([str(out), "--out", str(report), "--wandb"]) == 0
+    # as users run it; and W&B flushes an offline run's log when its stream closes, which may be after finish()
+    # returns, but is before the process that logged it exits
+    cmd = [sys.executable, "-m", "modelpatch.report", str(out), "--out", str(report), "--wandb"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     (run_dir,) = (report / "wandb").glob("offline-run-*")
     run = read_offline_run(run_dir)
     assert run.exited and run.project == "modelpatch" and run.job_type == "report"

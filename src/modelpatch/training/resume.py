@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ RESUME_KEYS = (
     "trainer.accumulate_grad_batches",
 )
 UNREADABLE = ".unreadable"
+LAST = "last.ckpt"
 NOT_ABOUT_THE_FILE = {errno.EIO, errno.ENOMEM, errno.EACCES, errno.EPERM, errno.ENFILE, errno.EMFILE}
 
 
@@ -100,9 +102,9 @@ def resume_candidates(folder: Path) -> list[Path]:
     for p in folder.glob("*.ckpt") if folder.is_dir() else ():
         with contextlib.suppress(FileNotFoundError):  # set aside meanwhile by another process of the run
             mtimes[p] = p.stat().st_mtime
-    last = [p for p in mtimes if p.name == "last.ckpt"]
+    last = [p for p in mtimes if p.name == LAST]
     best = [p for p in mtimes if p.name == "best.ckpt"]
-    others = sorted((p for p in mtimes if p.name not in ("last.ckpt", "best.ckpt")), key=lambda p: -mtimes[p])
+    others = sorted((p for p in mtimes if p.name not in (LAST, "best.ckpt")), key=lambda p: -mtimes[p])
     return last + others + best
 
 
@@ -155,9 +157,10 @@ def choose_resume(cfg: DictConfig) -> ResumeChoice:
 
 def resume_path(cfg: DictConfig, *, set_aside: bool = True) -> str | None:
     """What ``Trainer.fit`` resumes from (``choose_resume``), saying why where a newer checkpoint was passed
-    over. ``set_aside``: rename each such file to ``<name>.unreadable`` (kept, never deleted; the resumed run
-    writes a new ``last.ckpt``) and remove the temporary files of killed checkpoint writes; one process of a
-    run does it (global rank zero)."""
+    over. ``set_aside``: rename each such file to ``<name>.unreadable`` (kept, never deleted), remove the
+    temporary files of killed checkpoint writes, and make ``last.ckpt`` a copy of the checkpoint resumed
+    from when it is another one (a run resumed at its end trains no step and writes no new ``last.ckpt``);
+    one process of a run does it (global rank zero)."""
     choice = choose_resume(cfg)
     if set_aside:
         for tmp in stale_temporaries(checkpoint_dir(cfg)):
@@ -168,7 +171,18 @@ def resume_path(cfg: DictConfig, *, set_aside: bool = True) -> str | None:
         log.warning(f"cannot resume from {path}: {why}; kept as {kept}")
     if choice.unreadable and choice.path is not None:
         log.warning(f"resuming from {choice.path} instead, the newest readable checkpoint")
+    if set_aside and choice.path is not None and not cfg.get("ckpt_path") and _writes_last(cfg):
+        last = checkpoint_dir(cfg) / LAST
+        if choice.path != last:
+            atomic_write(last, lambda tmp: shutil.copyfile(choice.path, tmp), fsync=True)
+            log.info(f"{last} is now a copy of {choice.path.name}, until the run writes its next checkpoint")
     return str(choice.path) if choice.path is not None else None
+
+
+def _writes_last(cfg: DictConfig) -> bool:
+    """Whether the run writes ``last.ckpt`` (``callbacks.last_checkpoint``, on by default)."""
+    last = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
+    return last.get("filename") == LAST.removesuffix(".ckpt")
 
 
 def set_aside_unreadable(path: Path) -> Path:
