@@ -58,6 +58,8 @@ stage() {
   bias_seeds) run bias_seeds task.train_size=250,1000 seed=0,1,2 $NEW optim=sgd optim.lr=0.1 patch=bias ;;
   # full fine-tuning led at 5,000 images with the old recipe's head rate (0.05): that recipe at the other sizes
   full_head) run full_head task.train_size=250,1000 seed=0,1,2 trainer.min_steps=300 optim.patch_lr=0.1 optim.head_lr=0.05 patch=full ;;
+  # ... and at 5,000 images under the default floor, which 8 epochs (312 steps) pass: old_5000's full runs again
+  full_head_5000) run full_head_5000 task.train_size=5000 seed=0,1,2 trainer.min_steps=300 optim.patch_lr=0.1 optim.head_lr=0.05 patch=full ;;
   # 5,000 images: the defaults at seeds 0, 1 and 2 (the sweep above holds the other rates)
   d5000) run d5000 task.train_size=5000 seed=0,1,2 patch=logits,bias,bn,dw,bn+dw,full ;;
   # the step budget: half and twice the default floor (the default rates)
@@ -89,6 +91,6 @@ stage() {
 }
 
 STAGES=(pretrain s1_sgd s1_adam s1_rmsprop s1_sgd_hi s2_250_a s2_250_b s2_250_c s2_5000_a s2_5000_b seeds d5000
-  bias_5000 warm_5000 bias_seeds bias_02 full_head s3_steps b250 best_seeds old old_5000 old_5000_seeds auto
-  r18_pretrain r18 r18_seeds r18_250 r18_bias)
+  bias_5000 warm_5000 bias_seeds bias_02 full_head full_head_5000 s3_steps b250 best_seeds old old_5000
+  old_5000_seeds auto r18_pretrain r18 r18_seeds r18_250 r18_bias)
 for s in "${@:-${STAGES[@]}}"; do stage "$s"; done
