@@ -97,10 +97,6 @@ MEASUREMENT_ROW = (
     "a row of docs/clusters.md's measured table (1 epoch each); with the budget it takes the path of another row, "
     "with other numbers (batch size, learning rate, warmup), which runs here (time spared): "
 )
-SAME_AS_RERUN = (
-    "the study's first run; the same multirun, plus threads=1, is the rerun below it (docs/results.md, its "
-    "multi-task section), which runs here: time spared"
-)
 
 RECIPE_TABLE = (
     "reads the study's run folders (runs/study, made by the study above); tests/test_recipe_table.py runs it "
@@ -168,9 +164,6 @@ NOT_RUN = {
     "python train.py $C data.batch_size=384 optim.lr=0.15 optim.warmup_epochs=0.25": (
         MEASUREMENT_ROW + "`python train.py $C data.batch_size=128`"
     ),
-    "python train.py -m experiment=multitask_embedded patch=bn hydra.sweep.dir=runs/multitask/multi": SAME_AS_RERUN,
-    "python train.py -m experiment=multitask_embedded patch=full 'task.tasks=[fmnist_a],[fmnist_b],[digits]' "
-    "hydra.sweep.dir=runs/multitask/single": SAME_AS_RERUN,
     "wandb sweep sweeps/patch_x_task.yaml": NO_W_AND_B_SERVER,
     "wandb agent <entity>/modelpatch/<sweep id>": NO_W_AND_B_SERVER,
     "python -m modelpatch.sweep agents --agents 4 --count 5 --partition gpu --gpus-per-task 1 --cpus-per-task 8 "
