@@ -4,6 +4,7 @@ patches); an unreadable checkpoint is passed over (and kept) for the newest read
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import socket
@@ -45,7 +46,8 @@ SINGLE = [
     "task=fmnist_b", "task.train_size=128", "+task.augment=true", "data.num_workers=2",
     "trainer.max_epochs=3", "++trainer.limit_train_batches=4", "callbacks.model_checkpoint.every_n_train_steps=2",
     # one rate, 0.05 (not bn's 0.1): here the best checkpoint is then not the final one, so the last start trains
-    # on from it (where it is the final one, the start resumes at the end: the test after this one's case)
+    # on from it (where it is the final one, the start resumes at the end:
+    # test_a_run_resumed_at_its_end_from_another_checkpoint_leaves_a_last_checkpoint)
     "optim.patch_lr=null", "optim.head_lr=null",
 ]  # fmt: skip
 SINGLE_KILLS = [("validation", 3), ("checkpoint_write", 10), ("test", 0)]
@@ -133,6 +135,7 @@ def test_an_unreadable_last_checkpoint_is_passed_over_for_the_newest_readable_on
     assert choice.path == step and [p for p, _ in choice.unreadable] == [last, newer]
     host = socket.gethostname()
     dead = folder / f".last.ckpt.4194304@{host}.tmp"  # above any pid_max
+    # alive: the parent's pid (this process's own is the temporary file of the last.ckpt that resume_path copies)
     alive, elsewhere = folder / f".last.ckpt.{os.getppid()}@{host}.tmp", folder / f".last.ckpt.4194304@x{host}.tmp"
     for tmp in (dead, alive, elsewhere):
         tmp.write_bytes(b"half")
@@ -145,9 +148,9 @@ def test_an_unreadable_last_checkpoint_is_passed_over_for_the_newest_readable_on
     with pytest.raises(ConfigError, match=r"cannot resume from .*epoch0\.ckpt.*optim\.patch_lr"):
         check_resume(cfg)
 
-    assert resume_path(cfg) == str(step)
+    assert resume_path(cfg) == str(last)  # step's copy: the newest state, until the next save
     assert not dead.exists() and alive.exists() and elsewhere.exists()  # running, or another machine's: kept
-    assert not newer.exists() and last.read_bytes() == step.read_bytes()  # the newest state, until the next save
+    assert not newer.exists() and last.read_bytes() == step.read_bytes()
     assert (folder / "last.ckpt.unreadable").is_file() and (folder / "epoch1.ckpt.unreadable").is_file()
 
     for path in (last, step, best):
@@ -159,18 +162,21 @@ def test_an_unreadable_last_checkpoint_is_passed_over_for_the_newest_readable_on
 
 def test_a_run_resumed_at_its_end_from_another_checkpoint_leaves_a_last_checkpoint(make_cfg, tmp_path):
     """last.ckpt cut short after the final step, the final state readable only as best.ckpt: the run restarts at
-    its end (Lightning trains no step, so writes no checkpoint) and still ends with last.ckpt, the final state."""
+    its end (Lightning trains no step, so writes no checkpoint) and still ends with last.ckpt, the final state;
+    its wall time counts the first process's, up to that checkpoint."""
     from modelpatch.run import train
 
     cfg, folder = write_checkpoint_dir(make_cfg, tmp_path)
     last, best = folder / "last.ckpt", folder / "best.ckpt"
     final = checkpoint_state(last)
+    earlier_s = torch.load(last, weights_only=True)["callbacks"]["ResumeState"]["elapsed_s"]
     best.write_bytes(last.read_bytes())
     with open(last, "r+b") as f:
         f.truncate(last.stat().st_size // 2)
     train(cfg)
-    assert checkpoint_state(last) == final and checkpoint_state(best) == final
+    assert checkpoint_state(last) == final
     assert (folder / "last.ckpt.unreadable").is_file()
+    assert json.loads((folder.parent / "results.json").read_text())["wall_time_s"] >= round(earlier_s, 2) > 0
 
 
 def test_the_csv_log_is_continued_and_cut_back_to_the_checkpoints_rows(tmp_path):

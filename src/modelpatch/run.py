@@ -238,7 +238,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     L.seed_everything(check_seed(cfg.seed), workers=True)
     datamodule, model = build(cfg)
     log.info(describe_params(model))
-    trainer, loggers = make_trainer(cfg, datamodule, model)
+    trainer, loggers = make_trainer(cfg, datamodule, model, started=start)
     found = None
     if cfg.get("train", True):
         ckpt_path = resume_path(cfg, set_aside=is_launch_rank_zero())
@@ -268,7 +268,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             cfg,
             model,
             metrics,
-            wall_time_s=time.time() - start,
+            wall_time_s=next(c for c in trainer.callbacks if isinstance(c, ResumeState)).elapsed_s(),
             checkpoint=best,
             steps=trainer.global_step,
             lr_find=found,
@@ -276,10 +276,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, {"model": model, "datamodule": datamodule, "trainer": trainer}
 
 
-def make_trainer(cfg: DictConfig, datamodule: TaskDataModule, model: PatchModule) -> tuple[L.Trainer, list]:
-    """The Trainer of ``cfg.trainer`` with the run's callbacks, loggers and DDP strategy; and the loggers."""
+def make_trainer(
+    cfg: DictConfig, datamodule: TaskDataModule, model: PatchModule, *, started: float | None = None
+) -> tuple[L.Trainer, list]:
+    """The Trainer of ``cfg.trainer`` with the run's callbacks, loggers and DDP strategy; and the loggers.
+    ``started``: when the run's process started (``time.time()``; default now), for its wall time."""
     # seeds and state that make a resumed run the same run (docs/clusters.md: preemption and faults)
-    callbacks = [*instantiate_dict(cfg.get("callbacks")), StepSeeds(cfg.seed), ResumeState()]
+    callbacks = [*instantiate_dict(cfg.get("callbacks")), StepSeeds(cfg.seed), ResumeState(started)]
     loggers = instantiate_dict(cfg.get("logger"))
     log.info(
         f"trainer: {cfg.trainer._target_}; callbacks: {[type(c).__name__ for c in callbacks]}; "

@@ -158,9 +158,8 @@ def choose_resume(cfg: DictConfig) -> ResumeChoice:
 def resume_path(cfg: DictConfig, *, set_aside: bool = True) -> str | None:
     """What ``Trainer.fit`` resumes from (``choose_resume``), saying why where a newer checkpoint was passed
     over. ``set_aside``: rename each such file to ``<name>.unreadable`` (kept, never deleted), remove the
-    temporary files of killed checkpoint writes, and make ``last.ckpt`` a copy of the checkpoint resumed
-    from when it is another one (a run resumed at its end trains no step and writes no new ``last.ckpt``);
-    one process of a run does it (global rank zero)."""
+    temporary files of killed checkpoint writes, and make ``last.ckpt`` a copy of the checkpoint chosen when it
+    is another one (``restore_last``); one process of a run does it (global rank zero)."""
     choice = choose_resume(cfg)
     if set_aside:
         for tmp in stale_temporaries(checkpoint_dir(cfg)):
@@ -171,18 +170,34 @@ def resume_path(cfg: DictConfig, *, set_aside: bool = True) -> str | None:
         log.warning(f"cannot resume from {path}: {why}; kept as {kept}")
     if choice.unreadable and choice.path is not None:
         log.warning(f"resuming from {choice.path} instead, the newest readable checkpoint")
-    if set_aside and choice.path is not None and not cfg.get("ckpt_path") and _writes_last(cfg):
-        last = checkpoint_dir(cfg) / LAST
-        if choice.path != last:
-            atomic_write(last, lambda tmp: shutil.copyfile(choice.path, tmp), fsync=True)
-            log.info(f"{last} is now a copy of {choice.path.name}, until the run writes its next checkpoint")
-    return str(choice.path) if choice.path is not None else None
+    if choice.path is None:
+        return None
+    return str(restore_last(cfg, choice.path) if set_aside else choice.path)
+
+
+def restore_last(cfg: DictConfig, path: Path) -> Path:
+    """Make ``last.ckpt`` a copy of ``path``, the checkpoint a run resumes from (chosen, not ``ckpt_path``),
+    when it is another one and the run writes ``last.ckpt``: a run resumed at its end trains no step, so would
+    write none. Returns what to resume from: the copy (the path the run's other processes choose after it), or
+    ``path`` where nothing was copied."""
+    last = checkpoint_dir(cfg) / LAST
+    if path == last or cfg.get("ckpt_path") or not _writes_last(cfg):
+        return path
+    try:
+        atomic_write(last, lambda tmp: shutil.copyfile(path, tmp), fsync=True)
+    except OSError as err:  # the resume itself does not need the copy
+        log.warning(f"could not copy {path.name} to {last} ({_reason(err)}); resuming from {path.name}")
+        return path
+    log.info(f"{last} is now a copy of {path.name}, until the run writes its next checkpoint")
+    return last
 
 
 def _writes_last(cfg: DictConfig) -> bool:
-    """Whether the run writes ``last.ckpt`` (``callbacks.last_checkpoint``, on by default)."""
+    """Whether the run writes ``last.ckpt`` into its checkpoint folder (``callbacks.last_checkpoint``, on by
+    default)."""
     last = (cfg.get("callbacks") or {}).get("last_checkpoint") or {}
-    return last.get("filename") == LAST.removesuffix(".ckpt")
+    folder = Path(last.get("dirpath") or checkpoint_dir(cfg))
+    return last.get("filename") == LAST.removesuffix(".ckpt") and folder == checkpoint_dir(cfg)
 
 
 def set_aside_unreadable(path: Path) -> Path:

@@ -2,9 +2,12 @@
 interrupted: the best validation accuracy so far, the current epoch's training sums (every rank's), how
 many rows ``metrics.csv`` had when the checkpoint was written, and the epoch's training metrics where they
 were still to be written: Lightning writes the checkpoint of an epoch's end before it hands that epoch's
-metrics to the loggers, and does not end the epoch again in the resumed run (so this writes them)."""
+metrics to the loggers, and does not end the epoch again in the resumed run (so this writes them). Also the
+run's time so far, so that a resumed run's ``wall_time_s`` counts its earlier processes."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -26,10 +29,16 @@ def _gather(tensor: torch.Tensor) -> list[torch.Tensor]:
 class ResumeState(Callback):
     """Saves and restores, with each checkpoint, the parts of a ``PatchModule`` run Lightning does not."""
 
-    def __init__(self):
+    def __init__(self, started: float | None = None):
         self.trainer = self.module = None
         self.restored: dict | None = None
         self.fitted = False  # fit has run in this process (validate/test then keep its log)
+        self.started = time.time() if started is None else started  # this process's start of the run
+        self.earlier_s = 0.0  # the run's time before this process, up to the checkpoint it resumed from
+
+    def elapsed_s(self) -> float:
+        """The run's wall time: this process's so far, and its earlier processes' up to the resumed checkpoint."""
+        return self.earlier_s + time.time() - self.started
 
     def _unwritten_epoch_metrics(self) -> tuple[int, int, dict[str, float]] | None:
         """(epoch, step, metrics) of an epoch whose end is running: its metrics computed, not yet logged."""
@@ -51,6 +60,7 @@ class ResumeState(Callback):
             "csv_rows": rows or 0,
             "csv_dir": csv[0].log_dir if csv else None,
             "unwritten_epoch_metrics": self._unwritten_epoch_metrics(),
+            "elapsed_s": self.elapsed_s(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -72,6 +82,7 @@ class ResumeState(Callback):
         pl_module.train_stats.reset()
         if not restored:
             return
+        self.earlier_s = restored.get("elapsed_s", 0.0)  # none in checkpoints written before it was kept
         pl_module.val_acc_best.update(restored["val_acc_best"].to(pl_module.device))
         for name, per_rank in restored["train_sums"].items():
             if trainer.global_rank < len(per_rank):
